@@ -1,0 +1,49 @@
+"""Loaders: turn a dataset on disk into training batches on the device.
+
+The contract, the same for every loader (tested once for all in tests/test_loaders.py):
+
+    loader = build_loader("ffcv" | "dali" | "torchvision", split="train" | "val", data=ROOT,
+                          batch_size=PER_DEVICE, workers=N, image_size=PX, seed=S,
+                          device=torch.device(...), rank=R, world_size=W, **options)
+    loader.set_epoch(e)               # reshuffles reproducibly from (seed, e)
+    len(loader)                       # batches per epoch on this rank
+    for images, labels in loader:     # images: uint8 N x 3 x H x W, channels_last, on `device`
+        x = normalize(images)         # labels: int64 N, on `device`
+
+- Train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) to image_size, horizontal flip p=0.5;
+  each rank gets a disjoint part of the epoch's permutation and the same number of full batches
+  (the last partial batch is dropped the same way everywhere, so DDP never waits on a rank).
+- Val: resize the shorter side to image_size / 0.875, center crop image_size. Across all ranks
+  every image comes out exactly once: no padding, no dropped tail (ranks may differ by one batch,
+  so evaluate with the bare model, not through DDP collectives).
+- Labels follow the converter's classes.json (the ImageFolder order); a dataset whose class
+  folders disagree with it is an error rather than a silent shift of labels.
+- Normalisation (ImageNet mean/std) is not the loader's job: `normalize` runs on the device.
+- Attributes: `classes` (names in label order), `num_samples` (images this rank yields per epoch),
+  `first_batch_s` (wall seconds to the first batch of the latest epoch: worker start, JIT).
+
+Adding a loader: one module with `build(spec: LoaderSpec)`, and a line in LOADERS below.
+"""
+import importlib
+
+from loaders.common import LoaderSpec, normalize, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
+
+# name -> (module, what to install when its library is missing)
+LOADERS = {
+    "ffcv": ("loaders.ffcv_loader", "pip install ffcv==1.0.2 (needs Debian's pkg-config libturbojpeg0-dev "
+                                    "libopencv-dev; `make setup` does both)"),
+    "dali": ("loaders.dali_loader", "pip install nvidia-dali-cuda120==2.4.0 (or `make setup`)"),
+    "torchvision": ("loaders.torchvision_loader", "pip install torchvision==0.29.1 (or `make setup`)"),
+}
+
+
+def build_loader(name: str, **kwargs):
+    """Build the loader `name` from the keyword arguments of LoaderSpec (see the contract above)."""
+    if name not in LOADERS:
+        raise ValueError(f"--loader {name!r} is not one of {', '.join(LOADERS)}")
+    module_name, install = LOADERS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SystemExit(f"--loader {name}: {e.name or e} is not installed: {install}") from None
+    return module.build(LoaderSpec(**kwargs))

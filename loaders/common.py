@@ -1,0 +1,121 @@
+"""What every loader shares: the builder's arguments, the class map check, rank splitting,
+the host-to-device copy, and the on-device normalisation."""
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VAL_CROP_RATIO = 0.875  # val: shorter side to size / 0.875, then center crop (224 <- 256)
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass
+class LoaderSpec:
+    """The builder's arguments, the same for every loader."""
+    split: str
+    data: Path
+    batch_size: int  # per device
+    workers: int = 2
+    image_size: int = 224
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    options: dict = field(default_factory=dict)  # loader-specific, e.g. {"os_cache": True}
+
+    def __post_init__(self):
+        self.data = Path(self.data)
+        self.device = torch.device(self.device)
+        if self.split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', not {self.split!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size per device must be >= 1, got {self.batch_size}")
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 N x 3 x H x W on the device -> ImageNet-normalised `dtype`, memory format kept."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255)
+    return (images.to(dtype) - mean) * inv_std
+
+
+def folder_classes(split_dir: Path) -> list[str]:
+    """Class folder names in torchvision ImageFolder's order."""
+    return sorted(e.name for e in Path(split_dir).iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def read_class_map(path: Path) -> list[str]:
+    return json.loads(Path(path).read_text())
+
+
+def check_class_map(classes: list[str], split_dir: Path, source: Path) -> list[str]:
+    """Fail loudly when the class folders of `split_dir` disagree with the class map `source`."""
+    split_dir = Path(split_dir)
+    if split_dir.is_dir():
+        found = folder_classes(split_dir)
+        if found != classes:
+            missing = sorted(set(classes) - set(found))
+            extra = sorted(set(found) - set(classes))
+            detail = (f"only in {source}: {missing[:5]}; only in {split_dir}: {extra[:5]}"
+                      if missing or extra else "same names in a different order")
+            raise SystemExit(f"class map {source} disagrees with the class folders of {split_dir} "
+                             f"({detail}): labels would shift. Re-run the converter on {split_dir.parent}.")
+    return classes
+
+
+def epoch_indices(num_samples: int, spec: LoaderSpec, epoch: int) -> np.ndarray:
+    """The sample indices this rank reads in `epoch`.
+
+    Train: one permutation drawn from (seed, epoch), identical on every rank, cut into
+    world_size disjoint equal parts, each trimmed to whole batches. Val: rank::world_size in
+    order, so every image appears exactly once across ranks.
+    """
+    if not spec.train:
+        return np.arange(spec.rank, num_samples, spec.world_size)
+    order = np.random.default_rng([spec.seed, epoch]).permutation(num_samples)
+    per_rank = num_samples // spec.world_size
+    mine = order[spec.rank * per_rank:(spec.rank + 1) * per_rank]
+    return mine[:len(mine) // spec.batch_size * spec.batch_size]
+
+
+def num_batches(num_samples: int, spec: LoaderSpec) -> int:
+    """Batches per epoch on this rank (see epoch_indices)."""
+    if spec.train:
+        return num_samples // spec.world_size // spec.batch_size
+    mine = len(range(spec.rank, num_samples, spec.world_size))
+    return -(-mine // spec.batch_size)
+
+
+def pin_if_useful(device: torch.device) -> bool:
+    """Pinned host memory only pays when an accelerator copies from it."""
+    return device.type != "cpu"
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    """Host batch -> device batch: channels_last uint8 images, int64 labels, copied without blocking."""
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(torch.int64).reshape(-1)
+    if device.type == "cpu":
+        return images, labels
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def timed_epoch(owner, batches):
+    """Yield `batches`, recording on `owner.first_batch_s` the wall time to the first one
+    (worker start-up, JIT compilation): the trainer logs it apart from the img/s figure."""
+    start_s = time.perf_counter()
+    owner.first_batch_s = None
+    for i, batch in enumerate(batches):
+        if i == 0:
+            owner.first_batch_s = time.perf_counter() - start_s
+        yield batch

@@ -1,0 +1,174 @@
+"""DALI loader: an NVIDIA DALI pipeline that runs entirely on the CPU.
+
+Reads the record shards (`fn.readers.webdataset` with the converter's index files) or, when no
+shards exist, the ImageFolder itself (`fn.readers.file` over our own file list, so labels follow
+the same class map). Decoding, cropping and flipping are DALI CPU operators in DALI's own
+threads; no `.gpu()` anywhere. Option decode="mixed" decodes with nvJPEG on a CUDA device.
+
+Options: shards_dir (default DATA/shards), source ("auto" | "shards" | "folder"),
+decode ("cpu" | "mixed"), prefetch (batches queued ahead, default 2).
+
+Train: the pipeline is rebuilt each epoch, seeded from (seed, epoch), so set_epoch reshuffles
+reproducibly; every rank stops after the same number of full batches. Val: DALI's own sharding
+(contiguous, disjoint), pad_last_batch, and the iterator's PARTIAL policy drop the padding, so
+each image is counted once.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from loaders.common import (RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, check_class_map,
+                            num_batches, read_class_map, timed_epoch, to_device)
+from loaders.dataset_index import split_index
+
+MAX_LABEL_DIGITS = 8  # .cls holds the label as ASCII decimal
+
+
+def _shard_files(spec: LoaderSpec):
+    shards_dir = Path(spec.options.get("shards_dir") or spec.data / "shards")
+    tars = sorted(shards_dir.glob(f"{spec.split}-*.tar"))
+    return shards_dir, tars
+
+
+def _ascii_labels(raw: torch.Tensor) -> torch.Tensor:
+    """N x MAX_LABEL_DIGITS zero-padded ASCII digits -> int64 labels."""
+    digits = raw.to(torch.int64) - ord("0")
+    valid = (digits >= 0) & (digits <= 9)
+    labels = torch.zeros(raw.shape[0], dtype=torch.int64)
+    for j in range(raw.shape[1]):
+        labels = torch.where(valid[:, j], labels * 10 + digits[:, j], labels)
+    return labels
+
+
+class DALILoader:
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        source = spec.options.get("source", "auto")
+        shards_dir, tars = _shard_files(spec)
+        if source == "shards" and not tars:
+            raise SystemExit(f"no {spec.split}-*.tar shards under {shards_dir}: "
+                             f"run `python convert/to_shards.py {spec.data}`")
+        self.use_shards = bool(tars) and source != "folder"
+        self.decode = spec.options.get("decode", "cpu")
+        if self.decode == "mixed" and not (spec.device.type == "cuda" and torch.cuda.is_available()):
+            raise SystemExit("--dali-decode mixed needs a CUDA device: use --dali-decode cpu")
+        if self.use_shards:
+            class_map = shards_dir / "classes.json"
+            self.classes = check_class_map(read_class_map(class_map), spec.data / spec.split, class_map)
+            self.tars = [str(t) for t in tars]
+            self.indexes = [str(t.with_suffix(".idx")) for t in tars]
+            missing = [i for i in self.indexes if not Path(i).exists()]
+            if missing:
+                raise SystemExit(f"missing DALI index {missing[0]}: re-run `python convert/to_shards.py {spec.data}`")
+            self.total = sum(_index_count(i) for i in self.indexes)
+        else:
+            index = split_index(spec.data, spec.split)
+            self.classes = index.classes
+            self.paths = [str(p) for p in index.paths]
+            self.labels = np.asarray(index.labels, dtype=np.int32)
+            self.total = len(self.paths)
+        self.epoch = 0
+        self.first_batch_s = None
+        self.num_samples = (len(self) * spec.batch_size if spec.train
+                            else len(range(spec.rank, self.total, spec.world_size)))
+        self._val_iterator = None
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return num_batches(self.total, self.spec)
+
+    # -- the pipeline ---------------------------------------------------------------------
+    def _reader(self, shard_id: int):
+        spec = self.spec
+        sharding = dict(shard_id=shard_id, num_shards=spec.world_size, pad_last_batch=not spec.train,
+                        name="Reader")
+        if self.use_shards:
+            jpegs, raw = fn.readers.webdataset(
+                paths=self.tars, index_paths=self.indexes, ext=["jpg", "cls"],
+                missing_component_behavior="error", random_shuffle=spec.train,
+                initial_fill=min(4096, self.total), seed=self._seed(), **sharding)
+            return jpegs, fn.pad(raw, axes=(0,), shape=(MAX_LABEL_DIGITS,), fill_value=0)
+        if spec.train:
+            # A full permutation from (seed, epoch), the same on every rank; DALI shards it.
+            order = np.random.default_rng([spec.seed, self.epoch]).permutation(self.total)
+        else:
+            order = np.arange(self.total)
+        return fn.readers.file(files=[self.paths[i] for i in order], labels=self.labels[order].tolist(),
+                               random_shuffle=False, **sharding)
+
+    def _seed(self) -> int:
+        return int(np.random.SeedSequence([self.spec.seed, self.epoch, self.spec.rank]).generate_state(1)[0] >> 1)
+
+    def _pipeline(self, shard_id: int):
+        spec = self.spec
+        size = spec.image_size
+        device_id = (spec.device.index or 0) if self.decode == "mixed" else None
+
+        @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, spec.workers), device_id=device_id,
+                      seed=self._seed(), prefetch_queue_depth=spec.options.get("prefetch", 2),
+                      exec_dynamic=True)
+        def pipe():
+            jpegs, labels = self._reader(shard_id)
+            if spec.train:
+                images = fn.decoders.image_random_crop(
+                    jpegs, device=self.decode, output_type=types.RGB, random_area=list(RRC_SCALE),
+                    random_aspect_ratio=list(RRC_RATIO), num_attempts=10)
+                images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
+                                   antialias=True)
+                images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+            else:
+                images = fn.decoders.image(jpegs, device=self.decode, output_type=types.RGB)
+                images = fn.resize(images, resize_shorter=int(size / VAL_CROP_RATIO),
+                                   interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.crop(images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5)
+            return images, labels
+
+        return pipe()
+
+    def _iterator(self, shard_id: int):
+        pipe = self._pipeline(shard_id)
+        pipe.build()
+        return DALIGenericIterator(
+            pipe, ["images", "labels"], reader_name="Reader", auto_reset=True,
+            last_batch_policy=LastBatchPolicy.DROP if self.spec.train else LastBatchPolicy.PARTIAL)
+
+    def _batches(self):
+        spec = self.spec
+        if spec.train:
+            # Rotate shards over epochs as DistributedSampler's permutation would; stop every rank
+            # after the same number of batches, so shard sizes that differ by one never stall DDP.
+            iterator = self._iterator((spec.rank + self.epoch) % spec.world_size)
+            limit = len(self)
+        else:
+            if self._val_iterator is None:
+                self._val_iterator = self._iterator(spec.rank)
+            iterator, limit = self._val_iterator, None
+        for i, batch in enumerate(iterator):
+            if limit is not None and i >= limit:
+                break
+            out = batch[0]
+            images = out["images"].permute(0, 3, 1, 2)  # N x H x W x C buffer -> channels_last view
+            raw = out["labels"]
+            labels = _ascii_labels(raw) if self.use_shards else raw
+            yield to_device(images, labels, spec.device)
+        if spec.train:
+            del iterator
+
+    def __iter__(self):
+        return timed_epoch(self, self._batches())
+
+
+def _index_count(index_path: str) -> int:
+    """Samples in a DALI webdataset index file: header line "v1.2 N", then one line per sample."""
+    with open(index_path) as f:
+        return int(f.readline().split()[1])
+
+
+def build(spec: LoaderSpec) -> DALILoader:
+    return DALILoader(spec)
+

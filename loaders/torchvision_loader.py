@@ -1,0 +1,90 @@
+"""The fallback loader: needs no conversion, reads the ImageFolder directly.
+
+Decodes with libjpeg-turbo through torchvision.io (PNG, CMYK and grayscale come out RGB), crops
+with transforms v2 on uint8 tensors (no PIL round trip), and batches in DataLoader workers that
+persist across epochs. Augmentation is seeded per sample from (seed, epoch, index), so it does not
+depend on which worker drew the sample: a resumed run sees the same crops as an unbroken one.
+"""
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+from loaders.common import (RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, epoch_indices,
+                            num_batches, pin_if_useful, timed_epoch, to_device)
+from loaders.dataset_index import split_index
+
+
+def transforms_for(spec: LoaderSpec) -> v2.Transform:
+    if spec.train:
+        return v2.Compose([v2.RandomResizedCrop(spec.image_size, scale=RRC_SCALE, ratio=RRC_RATIO,
+                                                antialias=True),
+                           v2.RandomHorizontalFlip(0.5)])
+    return v2.Compose([v2.Resize(int(spec.image_size / VAL_CROP_RATIO), antialias=True),
+                       v2.CenterCrop(spec.image_size)])
+
+
+class _Images(Dataset):
+    """Item key (index, epoch) -> (uint8 3 x S x S image, label)."""
+
+    def __init__(self, paths, labels, transform, seed: int):
+        self.paths, self.labels, self.transform, self.seed = paths, labels, transform, seed
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        image = decode_image(read_file(str(self.paths[index])), mode=ImageReadMode.RGB)
+        torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+        return self.transform(image), self.labels[index]
+
+
+class _EpochSampler(Sampler):
+    """Yields (index, epoch) for this rank's part of the epoch (see common.epoch_indices)."""
+
+    def __init__(self, num_samples: int, spec: LoaderSpec):
+        self.num_samples, self.spec, self.epoch = num_samples, spec, 0
+
+    def __iter__(self):
+        return ((int(i), self.epoch) for i in epoch_indices(self.num_samples, self.spec, self.epoch))
+
+    def __len__(self):
+        return len(epoch_indices(self.num_samples, self.spec, self.epoch))
+
+
+def _collate(items):
+    images = torch.stack([image for image, _ in items]).contiguous(memory_format=torch.channels_last)
+    return images, torch.tensor([label for _, label in items], dtype=torch.int64)
+
+
+class TorchvisionLoader:
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        index = split_index(spec.data, spec.split)
+        self.classes = index.classes
+        self.dataset = _Images(index.paths, index.labels, transforms_for(spec), spec.seed)
+        self.sampler = _EpochSampler(len(index.paths), spec)
+        workers = max(0, spec.workers)
+        self.dataloader = DataLoader(
+            self.dataset, batch_size=spec.batch_size, sampler=self.sampler, num_workers=workers,
+            collate_fn=_collate, pin_memory=pin_if_useful(spec.device), drop_last=spec.train,
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        self.num_samples = len(self.sampler)
+        self.first_batch_s = None
+
+    def set_epoch(self, epoch: int):
+        self.sampler.epoch = epoch
+
+    def __len__(self):
+        return num_batches(len(self.dataset), self.spec)
+
+    def __iter__(self):
+        device = self.spec.device
+        return timed_epoch(self, (to_device(images, labels, device) for images, labels in self.dataloader))
+
+
+def build(spec: LoaderSpec) -> TorchvisionLoader:
+    return TorchvisionLoader(spec)
+
