@@ -1,0 +1,1 @@
+"""The trainer's parts that train.py composes: config, device set-up, optimisation, checkpoints, logs."""

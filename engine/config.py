@@ -1,0 +1,125 @@
+"""The trainer's configuration: every flag with its default, in one place.
+
+Two stages, as in timm: `--config recipe.yaml` sets defaults, flags on the command line
+override them. The reference recipe's flags keep their spellings (`--batch_size`,
+`--learning-rate`, `--apex-opt-level`, ...) and each has its hyphen/underscore twin.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from loaders import LOADERS
+
+
+def _twin(flag: str) -> list[str]:
+    """'--batch_size' -> ['--batch_size', '--batch-size'] (the other spelling accepted too)."""
+    other = "--" + (flag[2:].replace("_", "-") if "_" in flag else flag[2:].replace("-", "_"))
+    return [flag] if other == flag else [flag, other]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train MobileNetV3 on an ImageNet-layout dataset. One process: python train.py ...; "
+                    "N devices: torchrun --nproc_per_node=N train.py ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def add(flag, *more, **kw):
+        p.add_argument(*_twin(flag), *more, **kw)
+
+    add("--config", default=None, help="YAML recipe: its keys set defaults (see configs/); flags override")
+    # -- the reference recipe's flags -------------------------------------------------------
+    add("--arch", default="mobilenetv3_large_100",
+        help="model: mobilenetv3_{large,small}_{100,075,050} or mobilenet_v3_large / mobilenet_v3_small")
+    add("--data", default=None, help="ImageNet-layout folder (train/, val/); default: the built-in sample dataset")
+    add("--batch_size", "-b", type=int, default=128,
+        help="GLOBAL batch size over all devices, as in the reference (1024 on 8 devices = 128 each)")
+    add("--learning-rate", "--lr", dest="learning_rate", type=float, default=0.008,
+        help="peak learning rate for the global batch")
+    add("--print-freq", type=int, default=10, help="log every N steps")
+    add("--epochs", type=int, default=600, help="number of epochs")
+    add("--apex", action="store_true", help="mixed precision (torch.amp; NVIDIA apex is not needed)")
+    add("--apex-opt-level", default="O1", choices=["O0", "O1", "O2"],
+        help="with --apex: O0 = fp32, O1/O2 = autocast in --amp-dtype (fp16 adds a dynamic loss scaler)")
+    add("--lr-step-size", type=int, default=2, help="step schedule: decay every N epochs")
+    add("--lr-gamma", type=float, default=0.973, help="step schedule: decay factor")
+    add("--wd", "--weight-decay", dest="wd", type=float, default=1e-5,
+        help="weight decay (not applied to norm layers and biases)")
+    add("--device_id", type=int, default=None, help="device index for a single process (torchrun sets LOCAL_RANK)")
+    add("--workers", "-j", type=int, default=4, help="loader workers / threads per process")
+    add("--max_steps", type=int, default=None,
+        help="performance mode: at most N steps per epoch, then the img/s summary")
+    # -- what torchvision's and timm's trainers also offer --------------------------------
+    add("--loader", default="ffcv", choices=list(LOADERS), help="input pipeline")
+    add("--output-dir", default=".", help="checkpoints, metrics.jsonl, summary.json and the plot go here")
+    add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT_DIR/checkpoint.pth if present")
+    add("--evaluate", action="store_true", help="only evaluate (weights from --resume or --pretrained)")
+    add("--pretrained", default=None,
+        help="torchvision-format MobileNetV3 weights file (you download it; nothing is downloaded)")
+    add("--opt", default="rmsprop", choices=["rmsprop", "sgd"], help="optimizer")
+    add("--momentum", type=float, default=0.9, help="optimizer momentum")
+    add("--rmsprop-alpha", type=float, default=0.9, help="RMSprop smoothing constant (reference: 0.9)")
+    add("--rmsprop-eps", type=float, default=0.0316, help="RMSprop epsilon (reference: 0.0316)")
+    add("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up length, in epochs")
+    add("--lr-scheduler", default="step", choices=["step", "cosine"], help="LR schedule after warm-up")
+    add("--label-smoothing", type=float, default=0.0, help="label smoothing for the loss")
+    add("--model-ema", action="store_true", help="keep and evaluate an exponential moving average of the weights")
+    add("--model-ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
+    add("--deterministic", action="store_true", help="deterministic algorithms (slower; bitwise repeatable on CPU)")
+    add("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"], help="accelerator kind")
+    add("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
+        help="autocast dtype with --apex (CPU autocast always uses bfloat16)")
+    add("--image-size", type=int, default=224, help="train crop and val crop size in pixels")
+    add("--dropout", type=float, default=0.2, help="dropout before the classifier")
+    # -- device-side augmentation ---------------------------------------------------------
+    add("--auto-augment", default="none", choices=["imagenet", "randaugment", "trivialaugment", "none"],
+        help="per-sample policy applied on the device to the uint8 batch")
+    add("--random-erase", type=float, default=0.0, help="random erasing probability per sample")
+    add("--mixup-alpha", type=float, default=0.0, help="mixup alpha (0 = off)")
+    add("--cutmix-alpha", type=float, default=0.0, help="cutmix alpha (0 = off)")
+    # -- loader options -------------------------------------------------------------------
+    add("--ffcv-order", default="random", choices=["random", "quasi_random"], help="FFCV traversal order")
+    add("--os-cache", action=argparse.BooleanOptionalAction, default=True,
+        help="FFCV: let the OS page cache hold the .beton (best when it fits in RAM)")
+    add("--dali-decode", default="cpu", choices=["cpu", "mixed"], help="DALI: decode on the CPU or with nvJPEG")
+    add("--warmup-steps-timing", type=int, default=5,
+        help="steps at the start of each epoch left out of the img/s figure")
+    return p
+
+
+def _check_recipe(recipe: dict, path: str, parser: argparse.ArgumentParser) -> dict:
+    known = {a.dest for a in parser._actions}
+    out = {}
+    for key, value in recipe.items():
+        dest = key.replace("-", "_")
+        dest = {"lr": "learning_rate", "weight_decay": "wd"}.get(dest, dest)
+        if dest not in known:
+            raise SystemExit(f"--config {path}: unknown key {key!r} (keys are the flags' names, e.g. batch_size)")
+        out[dest] = value
+    return out
+
+
+def parse_config(argv=None) -> argparse.Namespace:
+    parser = get_args_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        path = Path(first.config)
+        if not path.exists():
+            raise SystemExit(f"--config {path}: no such file (recipes live in configs/)")
+        recipe = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(recipe, dict):
+            raise SystemExit(f"--config {path}: expected a mapping of flag names to values")
+        parser.set_defaults(**_check_recipe(recipe, str(path), parser))
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    return args
+
+
+def to_dict(args: argparse.Namespace) -> dict:
+    """The resolved config as plain JSON types, saved with every checkpoint and log."""
+    return json.loads(json.dumps(vars(args), default=str))

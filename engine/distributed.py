@@ -1,0 +1,85 @@
+"""Device and process-group set-up in one function: torchrun's environment decides.
+
+The same command runs on one CPU, one GPU/NPU, or N of them under torchrun.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers the 'npu' device with torch)
+    except ImportError:
+        return False
+    return torch.npu.is_available()
+
+
+def resolve_kind(requested: str) -> str:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "npu" if _npu_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES / the driver), "
+                         "or use --device cpu")
+    if requested == "npu" and not _npu_available():
+        raise SystemExit("--device npu: torch_npu is not installed or sees no NPU: install Ascend's torch_npu "
+                         "matching torch 2.14 (pip install torch-npu) and its CANN toolkit, or use --device cpu")
+    return requested
+
+
+def setup(requested: str = "auto", device_id: int | None = None) -> Runtime:
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    kind = resolve_kind(requested)
+    if kind == "cpu":
+        device = torch.device("cpu")
+    else:
+        index = local_rank if world_size > 1 else (device_id or 0)
+        device = torch.device(kind, index)
+        getattr(torch, kind).set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(BACKENDS[kind], device_id=device if kind != "cpu" else None)
+    return Runtime(device, rank, world_size, local_rank)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (one host sync: call at log points only)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,0 +1,247 @@
+"""Train MobileNetV3 with a pluggable input pipeline; the same command on 1 CPU or N devices.
+
+    python train.py --config configs/sample_cpu.yaml                  # the built-in sample dataset
+    python train.py --loader ffcv --data ImageNet/ --arch mobilenetv3_large_100
+    torchrun --nproc_per_node=8 train.py --config configs/mobilenetv3_large_8p.yaml --data ImageNet/
+
+Writes to --output-dir: checkpoint.pth (every epoch, atomic), model_best.pth, metrics.jsonl (one
+line per epoch), summary.json, history.png and config.json; ends with `Acc@1 X  Acc@5 Y  FPS Z`.
+"""
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine import checkpoint as ckpt  # noqa: E402
+from engine import distributed  # noqa: E402
+from engine.config import parse_config, to_dict  # noqa: E402
+from engine.loop import EpochPlan, NonFiniteLoss, Precision, evaluate, train_one_epoch  # noqa: E402
+from engine.metrics import (append_jsonl, hardware, plot_history, read_jsonl,  # noqa: E402
+                            write_json_atomic)
+from engine.optim import build_optimizer, lr_at  # noqa: E402
+from loaders import build_loader  # noqa: E402
+from model import create_model, load_pretrained  # noqa: E402
+
+
+def prepare_data(args, runtime, log) -> Path:
+    """The dataset folder; with no --data, the built-in sample, converted for the chosen loader."""
+    from convert.make_sample import default_sample_dir, ensure_sample
+    if args.data:
+        data = Path(args.data)
+        if not (data / "train").is_dir() and not (data / "ffcv").is_dir() and not (data / "shards").is_dir():
+            raise SystemExit(f"--data {data}: no train/ folder there (expected ImageNet layout "
+                             f"{data}/train/<class>/<image> and {data}/val/...)")
+        return data
+    if runtime.is_main:
+        data = ensure_sample(None, who="train.py")
+        if args.loader == "ffcv" and not (data / "ffcv" / "val.beton").exists():
+            from convert.to_ffcv import convert as to_ffcv
+            log(f"train.py: converting the sample dataset for FFCV into {data / 'ffcv'}")
+            to_ffcv(data)
+        if args.loader == "dali" and not list((data / "shards").glob("val-*.idx")):
+            from convert.to_shards import convert as to_shards
+            log(f"train.py: writing record shards of the sample dataset into {data / 'shards'}")
+            to_shards(data)
+    if runtime.distributed:
+        dist.barrier()
+    return default_sample_dir()
+
+
+def make_precision(args, device: torch.device) -> Precision:
+    enabled = args.apex and args.apex_opt_level != "O0"
+    # CPU autocast runs in bfloat16: float16 matmuls on the CPU are slow and need no scaler there.
+    dtype = torch.bfloat16 if device.type == "cpu" else getattr(torch, args.amp_dtype)
+    return Precision(enabled, dtype)
+
+
+def build_loaders(args, data: Path, runtime, per_device: int):
+    common = dict(data=data, workers=args.workers, image_size=args.image_size, seed=args.seed,
+                  device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
+                  options={"os_cache": args.os_cache, "order": args.ffcv_order, "decode": args.dali_decode})
+    val = build_loader(args.loader, split="val", batch_size=per_device, **common)
+    train = None if args.evaluate else build_loader(args.loader, split="train", batch_size=per_device, **common)
+    return train, val
+
+
+def build_augment(args, num_classes: int):
+    wanted = (args.auto_augment != "none" or args.random_erase > 0 or args.mixup_alpha > 0
+              or args.cutmix_alpha > 0)
+    if not wanted:
+        return None
+    from augment import DeviceAugment
+    return DeviceAugment(num_classes=num_classes, auto_augment=args.auto_augment,
+                         random_erase=args.random_erase, mixup_alpha=args.mixup_alpha,
+                         cutmix_alpha=args.cutmix_alpha, label_smoothing=args.label_smoothing, seed=args.seed)
+
+
+class StopFlag:
+    """SIGTERM (preemption, torchrun shutting down) asks for a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def main(argv=None):
+    args = parse_config(argv)
+    runtime = distributed.setup(args.device, args.device_id)
+    log = (lambda msg: print(msg, flush=True)) if runtime.is_main else (lambda msg: None)
+    if args.batch_size % runtime.world_size:
+        raise SystemExit(f"--batch_size {args.batch_size} is the global batch and must divide by the "
+                         f"{runtime.world_size} processes: use e.g. {args.batch_size // runtime.world_size * runtime.world_size}")
+    per_device = args.batch_size // runtime.world_size
+    torch.manual_seed(args.seed)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif runtime.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = to_dict(args)
+    if runtime.is_main:
+        write_json_atomic(config, out_dir / "config.json")
+
+    data = prepare_data(args, runtime, log)
+    train_loader, val_loader = build_loaders(args, data, runtime, per_device)
+    classes = val_loader.classes
+    device, precision = runtime.device, make_precision(args, runtime.device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = create_model(args.arch, num_classes=len(classes), dropout=args.dropout)
+    if args.pretrained:
+        log(load_pretrained(model, args.pretrained, num_classes=len(classes)))
+    model.to(device, memory_format=memory_format)
+    ema = None
+    if args.model_ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay), use_buffers=True)
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.enabled and precision.dtype == torch.float16)
+
+    start_epoch, skip, best_acc1 = 0, 0, 0.0
+    resume = ckpt.resolve_resume(args.resume, out_dir)
+    if resume:
+        state = ckpt.load(resume)
+        model.load_state_dict(state["model"])
+        if not args.evaluate:
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            if ema is not None and state.get("ema"):
+                ema.load_state_dict(state["ema"])
+            start_epoch, skip = state["epoch"], state["next_batch"]
+            best_acc1 = state.get("best_acc1", 0.0)
+            ckpt.set_rng_state(state["rng"])
+        log(f"resumed from {resume}: epoch {start_epoch + 1}, batch {skip}")
+
+    if args.evaluate:
+        if not (resume or args.pretrained):
+            raise SystemExit("--evaluate needs weights: pass --resume CHECKPOINT or --pretrained FILE")
+        result = evaluate(model, val_loader, precision, runtime, args.channels_last)
+        log(f"Acc@1 {result['acc1']:.3f}  Acc@5 {result['acc5']:.3f}  ({result['val_images']} images)")
+        if runtime.is_main:
+            write_json_atomic({**result, "weights": str(resume or args.pretrained)}, out_dir / "eval.json")
+        distributed.cleanup()
+        return result
+
+    eval_model = model  # evaluation runs on the bare model: ranks may see different val batch counts
+    if args.compile:
+        model = torch.compile(model)
+    if runtime.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type != "cpu" else None)
+    augment = build_augment(args, len(classes))
+    stop = StopFlag()
+    steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
+    if steps_per_epoch < 1:
+        raise SystemExit(f"--batch_size {args.batch_size} is larger than the {train_loader.num_samples} "
+                         f"training images per process: lower it")
+
+    def lr_fn(step):
+        return lr_at(step, base_lr=args.learning_rate, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
+                     schedule=args.lr_scheduler, warmup_epochs=args.warmup_epochs,
+                     step_size=args.lr_step_size, gamma=args.lr_gamma)
+
+    log(f"training {args.arch} on {len(classes)} classes with --loader {args.loader}: {args.epochs} epochs x "
+        f"{steps_per_epoch} steps, global batch {args.batch_size} on {runtime.world_size} x {device}, "
+        f"{precision.name}, output {out_dir}")
+    metrics_path = out_dir / "metrics.jsonl"
+    timed_images, timed_s = 0, 0.0
+    result = {}
+    for epoch in range(start_epoch, args.epochs):
+        epoch_start_s = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        plan = EpochPlan(epoch=epoch + 1, first_step=epoch * steps_per_epoch, steps=steps_per_epoch,
+                         lr_at=lr_fn, skip=skip, timing_warmup_steps=args.warmup_steps_timing,
+                         print_freq=args.print_freq, log=log, stop_requested=stop,
+                         label_smoothing=args.label_smoothing, channels_last=args.channels_last)
+        try:
+            stats = train_one_epoch(model, train_loader, optimizer, scaler, plan, precision, runtime,
+                                    augment=augment, ema=ema)
+        except NonFiniteLoss as e:
+            log(f"train.py: {e}")
+            raise SystemExit(3)
+        skip = 0
+        if stats["first_batch_s"] is not None and epoch == start_epoch:
+            log(f"first batch after {stats['first_batch_s']:.1f}s (loader start-up / JIT; not in img/s)")
+        state = dict(model=eval_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                     ema=ema.state_dict() if ema is not None else None, config=config, best_acc1=best_acc1)
+        if stats["interrupted"]:
+            if runtime.is_main:
+                ckpt.save_atomic({**state, "epoch": epoch, "next_batch": stats["next_batch"],
+                                  "rng": ckpt.rng_state()}, out_dir / ckpt.CHECKPOINT)
+            log(f"SIGTERM: saved {out_dir / ckpt.CHECKPOINT} at epoch {epoch + 1} batch {stats['next_batch']}; "
+                f"continue with --resume auto")
+            distributed.cleanup()
+            return None
+        if not all(torch.isfinite(p).all() for p in eval_model.parameters()):
+            log("train.py: the weights are no longer finite: stopping; the last good checkpoint is untouched")
+            raise SystemExit(3)
+        val = evaluate(eval_model, val_loader, precision, runtime, args.channels_last)
+        record = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "imgs_per_s", "data_wait_frac",
+                                                                 "skipped_steps", "nonfinite_steps", "steps")},
+                  **val, "lr": optimizer.param_groups[0]["lr"], "epoch_wall_s": time.perf_counter() - epoch_start_s}
+        if ema is not None:
+            record["ema_acc1"] = evaluate(ema.module, val_loader, precision, runtime, args.channels_last)["acc1"]
+        timed_images += stats["timed_images"]
+        timed_s += stats["timed_wall_s"] if stats["timed_images"] else 0.0
+        is_best = val["acc1"] >= best_acc1
+        best_acc1 = max(best_acc1, val["acc1"])
+        log(f"epoch {epoch + 1}/{args.epochs}  train-loss {stats['train_loss']:.4f}  Acc@1 {val['acc1']:.2f}  "
+            f"Acc@5 {val['acc5']:.2f}  img/s {stats['imgs_per_s']:.1f}  "
+            f"data-wait {100 * stats['data_wait_frac']:.0f}%  ({record['epoch_wall_s']:.0f}s)")
+        if runtime.is_main:
+            append_jsonl(record, metrics_path)
+            plot_history(read_jsonl(metrics_path), out_dir / "history.png")
+            state.update(epoch=epoch + 1, next_batch=0, rng=ckpt.rng_state(), best_acc1=best_acc1,
+                         acc1=val["acc1"], acc5=val["acc5"])
+            ckpt.save_atomic(state, out_dir / ckpt.CHECKPOINT)
+            if is_best:
+                ckpt.save_atomic(state, out_dir / ckpt.BEST)
+        result = {"acc1": val["acc1"], "acc5": val["acc5"]}
+
+    fps = timed_images / timed_s if timed_s > 0 else float("nan")
+    if runtime.is_main and result:
+        write_json_atomic({**result, "best_acc1": best_acc1, "imgs_per_s": fps, "epochs": args.epochs,
+                           "world_size": runtime.world_size, "loader": args.loader, "arch": args.arch,
+                           "precision": precision.name, "global_batch": args.batch_size,
+                           "hardware": hardware(device)}, out_dir / "summary.json")
+        log(f"Acc@1 {result['acc1']:.3f}  Acc@5 {result['acc5']:.3f}  FPS {fps:.1f}")
+    distributed.cleanup()
+    return {**result, "imgs_per_s": fps}
+
+
+if __name__ == "__main__":
+    main()
