@@ -1,0 +1,236 @@
+"""The loader contract (loaders/__init__.py), tested once for every loader on real files:
+FFCV .beton files read by FFCV, shards read by DALI's CPU pipeline, JPEGs decoded by torchvision."""
+import collections
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from convert.make_sample import make_sample
+from loaders import LOADERS, build_loader
+from loaders.common import RRC_RATIO, RRC_SCALE
+
+NAMES = list(LOADERS)
+SIZE_PX = 32
+
+
+def _convert(root: Path) -> Path:
+    from convert.to_ffcv import convert as to_ffcv
+    from convert.to_shards import convert as to_shards
+    to_ffcv(root, progress=False, workers=2)
+    to_shards(root, progress=False, workers=2, shard_size=7)  # several shards, the last one short
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """3 classes; 5 val images each: 15 does not divide by 2 ranks x batch 4."""
+    root = make_sample(tmp_path_factory.mktemp("loaders"), num_classes=3, train_per_class=8,
+                       val_per_class=5, quiet=True)
+    return _convert(root)
+
+
+def _build(name, root, split, batch_size=4, rank=0, world_size=1, size=SIZE_PX, **kw):
+    return build_loader(name, split=split, data=root, batch_size=batch_size, workers=2, image_size=size,
+                        seed=kw.pop("seed", 0), rank=rank, world_size=world_size, options=kw)
+
+
+def _folder_histogram(root: Path, split: str) -> dict:
+    classes = sorted(p.name for p in (root / split).iterdir())
+    return {i: len(list((root / split / c).iterdir())) for i, c in enumerate(classes)}
+
+
+def _collect(loader):
+    """[(label, checksum of the image's pixels)] over one epoch."""
+    out = []
+    for images, labels in loader:
+        for image, label in zip(images, labels):
+            out.append((int(label), int(image.to(torch.int64).sum()) * 1_000_003 + int(image[0, 0, 0])))
+    return out
+
+
+def _val_images(loader) -> torch.Tensor:
+    return torch.cat([images for images, _ in loader])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_val_yields_every_image_once_with_the_contracts_types(dataset, name):
+    loader = _build(name, dataset, "val")
+    seen = []
+    for images, labels in loader:
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, SIZE_PX, SIZE_PX)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64 and images.device.type == labels.device.type == "cpu"
+        seen += labels.tolist()
+    assert len(seen) == 15 == loader.num_samples
+    assert len(loader) == 4  # ceil(15 / 4): the partial last batch is kept
+    assert collections.Counter(seen) == _folder_histogram(dataset, "val")
+    assert loader.classes == sorted(p.name for p in (dataset / "val").iterdir())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_batches_are_full_and_the_epoch_order_is_reproducible(dataset, name):
+    loader = _build(name, dataset, "train")
+    assert len(loader) == 24 // 4
+    loader.set_epoch(3)
+    first = [labels.tolist() for _, labels in loader]
+    assert [len(b) for b in first] == [4] * 6
+    loader.set_epoch(3)
+    again = [labels.tolist() for _, labels in loader]
+    loader.set_epoch(4)
+    other = [labels.tolist() for _, labels in loader]
+    assert first == again
+    assert first != other
+    assert loader.first_batch_s is not None and loader.first_batch_s >= 0
+
+
+def test_the_same_val_image_comes_out_of_every_loader_nearly_the_same(dataset):
+    size = 128
+    blur = torch.nn.AvgPool2d(16)  # compare 8 x 8 cells of 16 x 16 px
+    batches = {name: blur(_val_images(_build(name, dataset, "val", size=size)).to(torch.float32))
+               for name in NAMES}
+    reference = batches["torchvision"]  # decoded from the original JPEGs
+    for name in ("ffcv", "dali"):
+        per_image = (batches[name] - reference).abs().mean(dim=(1, 2, 3))
+        # FFCV and DALI read the converter's copy (resized to 512 px, re-encoded at quality 90)
+        # and place the center crop with their own rounding (up to a pixel) and filters (OpenCV
+        # area, DALI and torchvision antialiased linear). Pixel by pixel that costs up to ~15
+        # grey levels on these 1/f textures, so the comparison is on 16 px cells, where the
+        # loaders agree within ~1.5 levels. Measured on this data, a horizontal flip costs ~14
+        # levels, the neighbouring image ~32, and a crop 15% too tight ~7.
+        assert per_image.max() < 3.0, (name, per_image)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_worker(rank, root, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        out = {}
+        for name in NAMES:
+            out[(name, "val")] = _collect(_build(name, root, "val", rank=rank, world_size=2))
+            train = _build(name, root, "train", batch_size=5, rank=rank, world_size=2)
+            train.set_epoch(1)
+            out[(name, "train")] = (len(train), [len(labels) for _, labels in train])
+        results[rank] = out
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_see_disjoint_parts_and_every_val_image_exactly_once(dataset):
+    single = {name: _collect(_build(name, dataset, "val")) for name in NAMES}
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_two_rank_worker, args=(str(dataset), _free_port(), results), nprocs=2)
+        results = dict(results)
+    for name in NAMES:
+        both = results[0][(name, "val")] + results[1][(name, "val")]
+        assert len(both) == 15
+        assert collections.Counter(both) == collections.Counter(single[name]), name
+        # Train: 24 images over 2 ranks, batch 5 -> 2 full batches on each rank, never 3 on one.
+        assert results[0][(name, "train")] == results[1][(name, "train")] == (2, [5, 5]), name
+
+
+@pytest.fixture(scope="module")
+def coordinate_dataset(tmp_path_factory) -> Path:
+    """Images whose red channel encodes x and green encodes y, so a crop's box can be read back."""
+    root = tmp_path_factory.mktemp("coords")
+    h, w = 240, 320
+    ys, xs = np.mgrid[0:h, 0:w]
+    pixels = np.stack([xs * 255.0 / (w - 1), ys * 255.0 / (h - 1), np.full_like(xs, 128.0)], -1)
+    pixels = (pixels + 0.5).astype(np.uint8)
+    for split, n in (("train", 48), ("val", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n // 2):
+                Image.fromarray(pixels).save(root / split / c / f"{c}_{i}.JPEG", quality=95)
+    return _convert(root)
+
+
+def _boxes(images: torch.Tensor, h: int, w: int):
+    """Per image: (area fraction, aspect ratio w/h in source pixels, flipped?) read from the pixels."""
+    img = images.to(torch.float32)
+    left, right = img[:, 0, :, 1].mean(1), img[:, 0, :, -2].mean(1)   # red: x
+    top, bottom = img[:, 1, 1, :].mean(1), img[:, 1, -2, :].mean(1)   # green: y
+    x0, x1 = torch.minimum(left, right) * (w - 1) / 255, torch.maximum(left, right) * (w - 1) / 255
+    y0, y1 = top * (h - 1) / 255, bottom * (h - 1) / 255
+    side = images.shape[-1]
+    bw = (x1 - x0) * side / (side - 3)  # the columns read sit 1.5 px inside the crop's edges
+    bh = (y1 - y0) * side / (side - 3)
+    return (bw * bh / (h * w)).numpy(), (bw / bh).numpy(), (left > right).numpy()
+
+
+def _reference_areas(h, w, n, seed=0):
+    from torchvision.transforms import v2
+    torch.manual_seed(seed)
+    areas = []
+    for _ in range(n):
+        _, _, ch, cw = v2.RandomResizedCrop.get_params(torch.zeros(3, h, w), list(RRC_SCALE), list(RRC_RATIO))
+        areas.append(ch * cw / (h * w))
+    return np.array(areas)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_crops_follow_the_random_resized_crop_distribution(coordinate_dataset, name):
+    loader = _build(name, coordinate_dataset, "train", batch_size=8, size=48)
+    areas, aspects, flips = [], [], []
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for images, _ in loader:
+            a, r, f = _boxes(images, 240, 320)
+            areas += list(a)
+            aspects += list(r)
+            flips += list(f)
+    areas, aspects, flips = map(np.array, (areas, aspects, flips))
+    assert len(areas) == 192
+    # Bounds: 8%..100% of the image, aspect 3/4..4/3 (slack for reading edges off JPEG pixels).
+    assert areas.min() > RRC_SCALE[0] * 0.8 and areas.max() < 1.06
+    assert aspects.min() > RRC_RATIO[0] * 0.9 and aspects.max() < RRC_RATIO[1] * 1.1
+    reference = _reference_areas(240, 320, 4000)
+    # The mean and quartiles match torchvision's sampler within ~3 standard errors of 192 draws;
+    # a fixed crop, a center crop or a scale range off by 2x fails by far more.
+    assert abs(areas.mean() - reference.mean()) < 0.07
+    for q in (0.25, 0.5, 0.75):
+        assert abs(np.quantile(areas, q) - np.quantile(reference, q)) < 0.1, q
+    assert 0.35 < flips.mean() < 0.65  # horizontal flip with p = 0.5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_class_map_that_disagrees_with_the_folders_is_an_error(dataset, tmp_path, name):
+    root = tmp_path / "renamed"
+    shutil.copytree(dataset, root)
+    first = sorted((root / "val").iterdir())[0]
+    for split in ("train", "val"):
+        (root / split / first.name).rename(root / split / "zzz_renamed")
+    with pytest.raises(SystemExit, match="disagrees"):
+        _build(name, root, "val")
+
+
+def test_missing_converted_files_name_the_converter_command(tmp_path):
+    root = make_sample(tmp_path / "raw", num_classes=2, train_per_class=2, val_per_class=1, quiet=True)
+    with pytest.raises(SystemExit, match=r"python convert/to_ffcv.py"):
+        _build("ffcv", root, "val")
+    with pytest.raises(SystemExit, match=r"python convert/to_shards.py"):
+        _build("dali", root, "val", source="shards")
+    # DALI falls back to the ImageFolder when no shards exist, with the same labels.
+    assert collections.Counter(_collect_labels(_build("dali", root, "val"))) == _folder_histogram(root, "val")
+
+
+def _collect_labels(loader):
+    return [label for _, labels in loader for label in labels.tolist()]
+
+
+def test_an_unknown_loader_names_the_choices():
+    with pytest.raises(ValueError, match="ffcv, dali, torchvision"):
+        build_loader("pil", split="val", data=".", batch_size=1)
