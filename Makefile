@@ -18,7 +18,7 @@ $(STAMP): requirements.txt scripts/setup_system.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) train.py --config configs/sample_cpu.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -123,6 +123,10 @@ def main(argv=None):
     model = create_model(args.arch, num_classes=len(classes), dropout=args.dropout)
     if args.pretrained:
         log(load_pretrained(model, args.pretrained, num_classes=len(classes)))
+    if args.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = args.bn_momentum
     model.to(device, memory_format=memory_format)
     ema = None
     if args.model_ema:

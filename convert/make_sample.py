@@ -161,7 +161,7 @@ def ensure_sample(data=None, who: str = "") -> Path:
     if data:
         return Path(data)
     path = default_sample_dir()
-    print(f"{who or 'note'}: no --data given: using the built-in sample dataset at {path}", file=sys.stderr)
+    print(f"{who or 'note'}: no dataset given: using the built-in sample dataset at {path}", file=sys.stderr)
     return make_sample(path)
 
 

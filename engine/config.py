@@ -75,6 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="autocast dtype with --apex (CPU autocast always uses bfloat16)")
     add("--image-size", type=int, default=224, help="train crop and val crop size in pixels")
     add("--dropout", type=float, default=0.2, help="dropout before the classifier")
+    add("--bn-momentum", type=float, default=None,
+        help="override BatchNorm momentum (model default 0.01, for long runs); short runs need ~0.1 "
+             "so the running statistics keep up with the weights before evaluation")
     # -- device-side augmentation ---------------------------------------------------------
     add("--auto-augment", default="none", choices=["imagenet", "randaugment", "trivialaugment", "none"],
         help="per-sample policy applied on the device to the uint8 batch")

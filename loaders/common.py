@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from convert.scan import class_dirs
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VAL_CROP_RATIO = 0.875  # val: shorter side to size / 0.875, then center crop (224 <- 256)
@@ -49,11 +51,6 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return (images.to(dtype) - mean) * inv_std
 
 
-def folder_classes(split_dir: Path) -> list[str]:
-    """Class folder names in torchvision ImageFolder's order."""
-    return sorted(e.name for e in Path(split_dir).iterdir() if e.is_dir() and not e.name.startswith("."))
-
-
 def read_class_map(path: Path) -> list[str]:
     return json.loads(Path(path).read_text())
 
@@ -62,7 +59,7 @@ def check_class_map(classes: list[str], split_dir: Path, source: Path) -> list[s
     """Fail loudly when the class folders of `split_dir` disagree with the class map `source`."""
     split_dir = Path(split_dir)
     if split_dir.is_dir():
-        found = folder_classes(split_dir)
+        found = class_dirs(split_dir)
         if found != classes:
             missing = sorted(set(classes) - set(found))
             extra = sorted(set(found) - set(classes))

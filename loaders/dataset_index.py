@@ -1,10 +1,11 @@
-"""The ImageFolder as a list: class names in label order, image paths and their labels."""
+"""The ImageFolder as a list, from the converters' own scan: the same files, classes and labels
+that convert/to_ffcv.py and convert/to_shards.py would write."""
 from dataclasses import dataclass
 from pathlib import Path
 
-from loaders.common import check_class_map, folder_classes, read_class_map
+from convert.scan import scan
+from loaders.common import check_class_map, read_class_map
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 CONVERTED_DIRS = ("ffcv", "shards")  # where the converters leave classes.json
 
 
@@ -16,24 +17,12 @@ class SplitIndex:
 
 
 def split_index(data: Path, split: str) -> SplitIndex:
-    """Scan data/split; labels follow any converter's classes.json found beside it."""
+    """Scan data/split; a converter's classes.json beside it must agree with the class folders."""
     data = Path(data)
-    split_dir = data / split
-    if not split_dir.is_dir():
-        raise SystemExit(f"no {split}/ folder under {data}: expected the ImageNet layout "
-                         f"{data}/{split}/<class>/<image>")
-    classes = folder_classes(split_dir)
+    dataset = scan(data, splits=(split,))
     for sub in CONVERTED_DIRS:
         class_map = data / sub / "classes.json"
         if class_map.exists():
-            check_class_map(read_class_map(class_map), split_dir, class_map)
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (split_dir / name).iterdir()
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-        paths += files
-        labels += [label] * len(files)
-    if not paths:
-        raise SystemExit(f"no images under {split_dir}")
-    return SplitIndex(classes, paths, labels)
-
+            check_class_map(read_class_map(class_map), data / split, class_map)
+    found = dataset.splits[split]
+    return SplitIndex(dataset.classes, [found.path(i) for i in range(len(found))], found.labels.tolist())

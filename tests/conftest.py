@@ -1,0 +1,17 @@
+"""Fixtures shared by every test file. Run the tests with `python -m pytest -q tests`."""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `import convert...` without installing the project
+
+from convert.make_sample import make_sample  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sample(tmp_path_factory) -> Path:
+    """A 4-class ImageNet-layout dataset (6 train + 3 val images per class), built once per session."""
+    return make_sample(tmp_path_factory.mktemp("tiny_sample"), num_classes=4, train_per_class=6,
+                       val_per_class=3, oddities=False, quiet=True)
