@@ -76,6 +76,7 @@ def build_augment(args, num_classes: int):
         return None
     from augment import DeviceAugment
     return DeviceAugment(num_classes=num_classes, auto_augment=args.auto_augment,
+                         randaugment_num_ops=args.ra_num_ops, randaugment_magnitude=args.ra_magnitude,
                          random_erase=args.random_erase, mixup_alpha=args.mixup_alpha,
                          cutmix_alpha=args.cutmix_alpha, label_smoothing=args.label_smoothing, seed=args.seed)
 

@@ -81,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     # -- device-side augmentation ---------------------------------------------------------
     add("--auto-augment", default="none", choices=["imagenet", "randaugment", "trivialaugment", "none"],
         help="per-sample policy applied on the device to the uint8 batch")
+    add("--ra-num-ops", type=int, default=2, help="RandAugment: ops per sample")
+    add("--ra-magnitude", type=int, default=9, help="RandAugment: magnitude bin 0..30 (torchvision's scale)")
     add("--random-erase", type=float, default=0.0, help="random erasing probability per sample")
     add("--mixup-alpha", type=float, default=0.0, help="mixup alpha (0 = off)")
     add("--cutmix-alpha", type=float, default=0.0, help="cutmix alpha (0 = off)")
