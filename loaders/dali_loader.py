@@ -13,24 +13,16 @@ reproducibly; every rank stops after the same number of full batches. Val: DALI'
 (contiguous, disjoint), pad_last_batch, and the iterator's PARTIAL policy drop the padding, so
 each image is counted once.
 """
-from pathlib import Path
-
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from loaders.common import (RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, check_class_map,
-                            num_batches, read_class_map, timed_epoch, to_device)
+from loaders.common import RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, num_batches, timed_epoch, to_device
 from loaders.dataset_index import split_index
+from loaders.shards import use_shards
 
 MAX_LABEL_DIGITS = 8  # .cls holds the label as ASCII decimal
-
-
-def _shard_files(spec: LoaderSpec):
-    shards_dir = Path(spec.options.get("shards_dir") or spec.data / "shards")
-    tars = sorted(shards_dir.glob(f"{spec.split}-*.tar"))
-    return shards_dir, tars
 
 
 def _ascii_labels(raw: torch.Tensor) -> torch.Tensor:
@@ -46,24 +38,16 @@ def _ascii_labels(raw: torch.Tensor) -> torch.Tensor:
 class DALILoader:
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
-        source = spec.options.get("source", "auto")
-        shards_dir, tars = _shard_files(spec)
-        if source == "shards" and not tars:
-            raise SystemExit(f"no {spec.split}-*.tar shards under {shards_dir}: "
-                             f"run `python convert/to_shards.py {spec.data}`")
-        self.use_shards = bool(tars) and source != "folder"
+        self.shards = use_shards(spec)
+        self.use_shards = self.shards is not None
         self.decode = spec.options.get("decode", "cpu")
         if self.decode == "mixed" and not (spec.device.type == "cuda" and torch.cuda.is_available()):
             raise SystemExit("--dali-decode mixed needs a CUDA device: use --dali-decode cpu")
         if self.use_shards:
-            class_map = shards_dir / "classes.json"
-            self.classes = check_class_map(read_class_map(class_map), spec.data / spec.split, class_map)
-            self.tars = [str(t) for t in tars]
-            self.indexes = [str(t.with_suffix(".idx")) for t in tars]
-            missing = [i for i in self.indexes if not Path(i).exists()]
-            if missing:
-                raise SystemExit(f"missing DALI index {missing[0]}: re-run `python convert/to_shards.py {spec.data}`")
-            self.total = sum(_index_count(i) for i in self.indexes)
+            self.classes = self.shards.classes
+            self.tars = [str(t) for t in self.shards.tars]
+            self.indexes = [str(i) for i in self.shards.indexes]
+            self.total = self.shards.count()
         else:
             index = split_index(spec.data, spec.split)
             self.classes = index.classes
@@ -161,12 +145,6 @@ class DALILoader:
 
     def __iter__(self):
         return timed_epoch(self, self._batches())
-
-
-def _index_count(index_path: str) -> int:
-    """Samples in a DALI webdataset index file: header line "v1.2 N", then one line per sample."""
-    with open(index_path) as f:
-        return int(f.readline().split()[1])
 
 
 def build(spec: LoaderSpec) -> DALILoader:

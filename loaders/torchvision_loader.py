@@ -1,4 +1,5 @@
-"""The fallback loader: needs no conversion, reads the ImageFolder directly.
+"""The fallback loader: needs no conversion, reads the ImageFolder directly (or the record
+shards when present: option source "auto" | "shards" | "folder", shards_dir).
 
 Decodes with libjpeg-turbo through torchvision.io (PNG, CMYK and grayscale come out RGB), crops
 with transforms v2 on uint8 tensors (no PIL round trip), and batches in DataLoader workers that
@@ -14,6 +15,7 @@ from torchvision.transforms import v2
 from loaders.common import (RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, epoch_indices,
                             num_batches, pin_if_useful, timed_epoch, to_device)
 from loaders.dataset_index import split_index
+from loaders.shards import use_shards
 
 
 def transforms_for(spec: LoaderSpec) -> v2.Transform:
@@ -28,17 +30,51 @@ def transforms_for(spec: LoaderSpec) -> v2.Transform:
 class _Images(Dataset):
     """Item key (index, epoch) -> (uint8 3 x S x S image, label)."""
 
+    def __init__(self, transform, seed: int):
+        self.transform, self.seed = transform, seed
+
+    def __getitem__(self, key):
+        index, epoch = key
+        data, label = self.read(index)
+        image = decode_image(data, mode=ImageReadMode.RGB)
+        torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+        return self.transform(image), label
+
+
+class _FolderImages(_Images):
     def __init__(self, paths, labels, transform, seed: int):
-        self.paths, self.labels, self.transform, self.seed = paths, labels, transform, seed
+        super().__init__(transform, seed)
+        self.paths, self.labels = paths, labels
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, key):
-        index, epoch = key
-        image = decode_image(read_file(str(self.paths[index])), mode=ImageReadMode.RGB)
-        torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
-        return self.transform(image), self.labels[index]
+    def read(self, index):
+        return read_file(str(self.paths[index])), self.labels[index]
+
+
+class _ShardImages(_Images):
+    """Seeks straight to a sample's bytes inside its tar, by the DALI index's offsets."""
+
+    def __init__(self, shards, transform, seed: int):
+        super().__init__(transform, seed)
+        self.tars = [str(t) for t in shards.tars]
+        self.rows = shards.samples()  # tar, jpg offset, jpg size, cls offset, cls size
+        self.files = {}  # per worker process: open tar files
+
+    def __len__(self):
+        return len(self.rows)
+
+    def read(self, index):
+        tar, jpg_at, jpg_size, cls_at, cls_size = (int(v) for v in self.rows[index])
+        f = self.files.get(tar) or self.files.setdefault(tar, open(self.tars[tar], "rb"))
+        f.seek(jpg_at)
+        jpg = f.read(jpg_size)
+        f.seek(cls_at)
+        return torch.frombuffer(bytearray(jpg), dtype=torch.uint8), int(f.read(cls_size))
+
+    def __getstate__(self):  # workers open their own file handles
+        return {**self.__dict__, "files": {}}
 
 
 class _EpochSampler(Sampler):
@@ -62,10 +98,15 @@ def _collate(items):
 class TorchvisionLoader:
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
-        index = split_index(spec.data, spec.split)
-        self.classes = index.classes
-        self.dataset = _Images(index.paths, index.labels, transforms_for(spec), spec.seed)
-        self.sampler = _EpochSampler(len(index.paths), spec)
+        shards = use_shards(spec)
+        if shards is not None:
+            self.classes = shards.classes
+            self.dataset = _ShardImages(shards, transforms_for(spec), spec.seed)
+        else:
+            index = split_index(spec.data, spec.split)
+            self.classes = index.classes
+            self.dataset = _FolderImages(index.paths, index.labels, transforms_for(spec), spec.seed)
+        self.sampler = _EpochSampler(len(self.dataset), spec)
         workers = max(0, spec.workers)
         self.dataloader = DataLoader(
             self.dataset, batch_size=spec.batch_size, sampler=self.sampler, num_workers=workers,

@@ -17,6 +17,11 @@ from loaders import LOADERS, build_loader
 from loaders.common import RRC_RATIO, RRC_SCALE
 
 NAMES = list(LOADERS)
+# Every loader, and each source it can read: the contract holds for all of them.
+VARIANTS = {"ffcv": ("ffcv", {}),
+            "dali-shards": ("dali", {"source": "shards"}), "dali-folder": ("dali", {"source": "folder"}),
+            "torchvision-shards": ("torchvision", {"source": "shards"}),
+            "torchvision-folder": ("torchvision", {"source": "folder"})}
 SIZE_PX = 32
 
 
@@ -36,7 +41,9 @@ def dataset(tmp_path_factory) -> Path:
     return _convert(root)
 
 
-def _build(name, root, split, batch_size=4, rank=0, world_size=1, size=SIZE_PX, **kw):
+def _build(variant, root, split, batch_size=4, rank=0, world_size=1, size=SIZE_PX, **kw):
+    name, options = VARIANTS.get(variant, (variant, {}))
+    kw = {**options, **kw}
     return build_loader(name, split=split, data=root, batch_size=batch_size, workers=2, image_size=size,
                         seed=kw.pop("seed", 0), rank=rank, world_size=world_size, options=kw)
 
@@ -59,7 +66,7 @@ def _val_images(loader) -> torch.Tensor:
     return torch.cat([images for images, _ in loader])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_val_yields_every_image_once_with_the_contracts_types(dataset, name):
     loader = _build(name, dataset, "val")
     seen = []
@@ -74,7 +81,7 @@ def test_val_yields_every_image_once_with_the_contracts_types(dataset, name):
     assert loader.classes == sorted(p.name for p in (dataset / "val").iterdir())
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_train_batches_are_full_and_the_epoch_order_is_reproducible(dataset, name):
     loader = _build(name, dataset, "train")
     assert len(loader) == 24 // 4
@@ -95,8 +102,10 @@ def test_the_same_val_image_comes_out_of_every_loader_nearly_the_same(dataset):
     blur = torch.nn.AvgPool2d(16)  # compare 8 x 8 cells of 16 x 16 px
     batches = {name: blur(_val_images(_build(name, dataset, "val", size=size)).to(torch.float32))
                for name in NAMES}
-    reference = batches["torchvision"]  # decoded from the original JPEGs
-    for name in ("ffcv", "dali"):
+    batches["torchvision-folder"] = blur(_val_images(_build("torchvision", dataset, "val", size=size,
+                                                            source="folder")).to(torch.float32))
+    reference = batches["torchvision-folder"]  # decoded from the original JPEGs
+    for name in NAMES:  # the torchvision and DALI loaders read the shards here (source "auto")
         per_image = (batches[name] - reference).abs().mean(dim=(1, 2, 3))
         # FFCV and DALI read the converter's copy (resized to 512 px, re-encoded at quality 90)
         # and place the center crop with their own rounding (up to a pixel) and filters (OpenCV
@@ -118,7 +127,7 @@ def _two_rank_worker(rank, root, port, results):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         out = {}
-        for name in NAMES:
+        for name in VARIANTS:
             out[(name, "val")] = _collect(_build(name, root, "val", rank=rank, world_size=2))
             train = _build(name, root, "train", batch_size=5, rank=rank, world_size=2)
             train.set_epoch(1)
@@ -129,12 +138,12 @@ def _two_rank_worker(rank, root, port, results):
 
 
 def test_two_processes_see_disjoint_parts_and_every_val_image_exactly_once(dataset):
-    single = {name: _collect(_build(name, dataset, "val")) for name in NAMES}
+    single = {name: _collect(_build(name, dataset, "val")) for name in VARIANTS}
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_two_rank_worker, args=(str(dataset), _free_port(), results), nprocs=2)
         results = dict(results)
-    for name in NAMES:
+    for name in VARIANTS:
         both = results[0][(name, "val")] + results[1][(name, "val")]
         assert len(both) == 15
         assert collections.Counter(both) == collections.Counter(single[name]), name
@@ -181,7 +190,7 @@ def _reference_areas(h, w, n, seed=0):
     return np.array(areas)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_train_crops_follow_the_random_resized_crop_distribution(coordinate_dataset, name):
     loader = _build(name, coordinate_dataset, "train", batch_size=8, size=48)
     areas, aspects, flips = [], [], []
@@ -206,7 +215,7 @@ def test_train_crops_follow_the_random_resized_crop_distribution(coordinate_data
     assert 0.35 < flips.mean() < 0.65  # horizontal flip with p = 0.5
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_a_class_map_that_disagrees_with_the_folders_is_an_error(dataset, tmp_path, name):
     root = tmp_path / "renamed"
     shutil.copytree(dataset, root)
@@ -221,10 +230,12 @@ def test_missing_converted_files_name_the_converter_command(tmp_path):
     root = make_sample(tmp_path / "raw", num_classes=2, train_per_class=2, val_per_class=1, quiet=True)
     with pytest.raises(SystemExit, match=r"python convert/to_ffcv.py"):
         _build("ffcv", root, "val")
-    with pytest.raises(SystemExit, match=r"python convert/to_shards.py"):
-        _build("dali", root, "val", source="shards")
-    # DALI falls back to the ImageFolder when no shards exist, with the same labels.
-    assert collections.Counter(_collect_labels(_build("dali", root, "val"))) == _folder_histogram(root, "val")
+    for name in ("dali", "torchvision"):
+        with pytest.raises(SystemExit, match=r"python convert/to_shards.py"):
+            _build(name, root, "val", source="shards")
+    # DALI and torchvision fall back to the ImageFolder when no shards exist, with the same labels.
+    for name in ("dali", "torchvision"):
+        assert collections.Counter(_collect_labels(_build(name, root, "val"))) == _folder_histogram(root, "val")
 
 
 def _collect_labels(loader):

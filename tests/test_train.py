@@ -119,8 +119,10 @@ def test_weight_decay_skips_norm_layers_and_biases():
 @pytest.mark.parametrize("loader", ["torchvision", "ffcv", "dali"])
 def test_a_short_run_trains_and_evaluates_with_each_loader(tiny_converted, tmp_path, loader):
     out = tmp_path / loader
-    proc = ok(run_train(["--data", str(tiny_converted), "--loader", loader, "--epochs", "1"], out))
+    ema = ["--model-ema", "--model-ema-decay", "0.5"] if loader == "torchvision" else []
+    proc = ok(run_train(["--data", str(tiny_converted), "--loader", loader, "--epochs", "1", *ema], out))
     (rec,) = records(out)
+    assert ("ema_acc1" in rec) == bool(ema)
     assert rec["val_images"] == 12 and rec["steps"] == 3 and math.isfinite(rec["train_loss"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["loader"] == loader and summary["world_size"] == 1 and summary["imgs_per_s"] > 0
@@ -172,6 +174,15 @@ def test_a_run_killed_after_epoch_one_and_resumed_ends_with_the_same_weights(tin
     assert whole.keys() == again.keys()
     for k in whole:
         assert torch.equal(whole[k], again[k]), k
+
+
+def test_pretrained_torchvision_weights_start_a_run_with_a_new_classifier(tiny_sample, tmp_path):
+    import torchvision
+    weights = tmp_path / "mobilenet_v3_small-tv.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), weights)  # 1000 classes
+    proc = ok(run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "1",
+                         "--arch", "mobilenet_v3_small", "--pretrained", str(weights)], tmp_path / "run"))
+    assert "classifier re-initialised for 4 classes (file has 1000)" in proc.stdout
 
 
 def test_evaluate_reproduces_the_checkpoints_recorded_accuracy(tiny_sample, tmp_path):
