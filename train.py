@@ -189,7 +189,8 @@ def main(argv=None):
         epoch_start_s = time.perf_counter()
         train_loader.set_epoch(epoch)
         plan = EpochPlan(epoch=epoch + 1, first_step=epoch * steps_per_epoch, steps=steps_per_epoch,
-                         lr_at=lr_fn, skip=skip, timing_warmup_steps=args.warmup_steps_timing,
+                         lr_at=lr_fn, skip=skip,
+                         timing_warmup_steps=min(args.warmup_steps_timing, max(0, steps_per_epoch - skip - 1)),
                          print_freq=args.print_freq, log=log, stop_requested=stop,
                          label_smoothing=args.label_smoothing, channels_last=args.channels_last)
         try:

@@ -6,6 +6,7 @@ the img/s figure. Options: os_cache (bool, default True: the OS page cache holds
 when the dataset fits in RAM), order ("random" | "quasi_random"; quasi_random only on one rank),
 beton_dir (where the .beton files are; default DATA/ffcv).
 """
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,9 @@ class FFCVLoader:
         distributed = spec.world_size > 1
         if distributed and order == "quasi_random":
             raise SystemExit("--ffcv-order quasi_random does not work in distributed mode: use random")
-        common = dict(batch_size=spec.batch_size, num_workers=max(1, spec.workers),
+        # FFCV's numba threads cannot exceed the cores: --workers 16 on a smaller host means all cores.
+        threads = min(max(1, spec.workers), os.cpu_count() or 1)
+        common = dict(batch_size=spec.batch_size, num_workers=threads,
                       os_cache=spec.options.get("os_cache", True),
                       pipelines={"image": image_ops, "label": label_ops}, seed=spec.seed)
         if spec.train:
