@@ -55,8 +55,11 @@ def prepare_data(args, runtime, log) -> Path:
 
 def make_precision(args, device: torch.device) -> Precision:
     enabled = args.apex and args.apex_opt_level != "O0"
-    # CPU autocast runs in bfloat16: float16 matmuls on the CPU are slow and need no scaler there.
-    dtype = torch.bfloat16 if device.type == "cpu" else getattr(torch, args.amp_dtype)
+    # auto: float16 on accelerators (the reference's apex O1/O2); the CPU's fast path is bfloat16.
+    if args.amp_dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    else:
+        dtype = getattr(torch, args.amp_dtype)
     return Precision(enabled, dtype)
 
 
@@ -134,7 +137,8 @@ def main(argv=None):
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay), use_buffers=True)
     optimizer = build_optimizer(model, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.enabled and precision.dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, init_scale=args.loss_scale,
+                                  enabled=precision.enabled and precision.dtype == torch.float16)
 
     start_epoch, skip, best_acc1 = 0, 0, 0.0
     resume = ckpt.resolve_resume(args.resume, out_dir)

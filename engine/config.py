@@ -42,6 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--apex", action="store_true", help="mixed precision (torch.amp; NVIDIA apex is not needed)")
     add("--apex-opt-level", default="O1", choices=["O0", "O1", "O2"],
         help="with --apex: O0 = fp32, O1/O2 = autocast in --amp-dtype (fp16 adds a dynamic loss scaler)")
+    add("--loss-scale", type=float, default=2.0 ** 16,
+        help="float16: the dynamic loss scaler's initial scale (apex's loss_scale; halves on overflow)")
     add("--lr-step-size", type=int, default=2, help="step schedule: decay every N epochs")
     add("--lr-gamma", type=float, default=0.973, help="step schedule: decay factor")
     add("--wd", "--weight-decay", dest="wd", type=float, default=1e-5,
@@ -71,8 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     add("--deterministic", action="store_true", help="deterministic algorithms (slower; bitwise repeatable on CPU)")
     add("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"], help="accelerator kind")
-    add("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
-        help="autocast dtype with --apex (CPU autocast always uses bfloat16)")
+    add("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
+        help="autocast dtype with --apex: auto = float16 (with a loss scaler) on CUDA/NPU, bfloat16 on the CPU")
     add("--image-size", type=int, default=224, help="train crop and val crop size in pixels")
     add("--dropout", type=float, default=0.2, help="dropout before the classifier")
     add("--bn-momentum", type=float, default=None,

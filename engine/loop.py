@@ -109,9 +109,10 @@ def train_one_epoch(model, loader, optimizer, scaler, plan: EpochPlan, precision
             logits = model(x)
             loss = F.cross_entropy(logits.float(), targets,
                                    label_smoothing=plan.label_smoothing if targets.dtype == torch.int64 else 0.0)
+        scaled = scaler.scale(loss)
         if scaler.is_enabled():
             scale_before = scaler._scale.clone()  # a decrease after update() means the step was skipped
-        scaler.scale(loss).backward()
+        scaled.backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

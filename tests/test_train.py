@@ -253,3 +253,14 @@ def test_launch_scripts_run_on_the_sample_dataset(tiny_sample, tmp_path, script,
 def test_a_launch_script_without_data_path_says_so(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts/train_full_1p.sh")], capture_output=True, text=True)
     assert proc.returncode == 2 and "--data_path=DIR is required" in proc.stderr
+
+
+def test_fp16_steps_the_loss_scaler_skips_are_counted_and_logged(tiny_sample, tmp_path):
+    # At an initial scale of 1e30 every float16 gradient overflows: the scaler skips each of the
+    # 3 steps (halving the scale), the loss itself stays finite, and the run goes on.
+    proc = ok(run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "1",
+                         "--apex", "--amp-dtype", "float16", "--loss-scale", "1e30"], tmp_path))
+    (rec,) = records(tmp_path)
+    assert rec["skipped_steps"] == rec["steps"] == 3 and rec["nonfinite_steps"] == 0
+    assert "skipped-steps" in proc.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["precision"] == "fp16"
