@@ -74,10 +74,8 @@ def train_one_epoch(model, loader, optimizer, scaler, plan: EpochPlan, precision
     nonfinite = torch.zeros((), device=device, dtype=torch.int64)
     skipped = torch.zeros((), device=device, dtype=torch.int64)
     window_nonfinite_start = 0
-    data_wait_s = timed_wait_s = 0.0
-    timed_start_s = None
-    timed_images = 0
-    window_start_s, window_images, window_wait_s = time.perf_counter(), 0, 0.0
+    timed_wait_s, timed_start_s, timed_images = 0.0, None, 0
+    window_start_s, window_steps, window_images, window_wait_s = time.perf_counter(), 0, 0, 0.0
     steps_done = 0
     interrupted = False
     bar = None
@@ -93,14 +91,14 @@ def train_one_epoch(model, loader, optimizer, scaler, plan: EpochPlan, precision
         except StopIteration:
             break
         wait_s = time.perf_counter() - t0
-        if i < plan.skip:
+        if i < plan.skip:  # resuming mid-epoch: the same order, so skip what was already trained on
+            window_start_s = time.perf_counter()
             continue
         if i == plan.skip + plan.timing_warmup_steps:
             sync(device)  # the timed window opens on an idle device
             timed_start_s, timed_wait_s, timed_images = time.perf_counter(), 0.0, 0
         elif timed_start_s is not None:
             timed_wait_s += wait_s
-        data_wait_s += wait_s
         window_wait_s += wait_s
         step = plan.first_step + i
         set_lr(optimizer, plan.lr_at(step))
@@ -125,6 +123,7 @@ def train_one_epoch(model, loader, optimizer, scaler, plan: EpochPlan, precision
         nonfinite += (~finite).to(torch.int64)
         n = len(labels) * runtime.world_size  # global images this step (train batches are full)
         steps_done += 1
+        window_steps += 1
         window_images += n
         if timed_start_s is not None:
             timed_images += n
@@ -135,11 +134,11 @@ def train_one_epoch(model, loader, optimizer, scaler, plan: EpochPlan, precision
         if (i + 1) % plan.print_freq == 0 or last:
             window_s = time.perf_counter() - window_start_s
             nonfinite_now = int(nonfinite.item())  # host sync: log points only
-            if nonfinite_now - window_nonfinite_start >= plan.print_freq and not last:
+            if nonfinite_now - window_nonfinite_start >= plan.print_freq:  # the whole window
                 raise NonFiniteLoss(plan.epoch, i, nonfinite_now)
             window_nonfinite_start = nonfinite_now
             lr = optimizer.param_groups[0]["lr"]
-            eta_s = (plan.steps - i - 1) * window_s / max(1, (i + 1) % plan.print_freq or plan.print_freq)
+            eta_s = (plan.steps - i - 1) * window_s / window_steps
             msg = (f"epoch {plan.epoch} step {i + 1}/{plan.steps}  loss {loss.item():.4f}  lr {lr:.5f}  "
                    f"img/s {window_images / window_s:.1f}  data-wait {100 * window_wait_s / window_s:.0f}%  "
                    f"ETA {eta_s:.0f}s")
@@ -149,7 +148,7 @@ def train_one_epoch(model, loader, optimizer, scaler, plan: EpochPlan, precision
                 bar.set_postfix_str(msg.split("  ", 1)[1])
             else:
                 plan.log(msg)
-            window_start_s, window_images, window_wait_s = time.perf_counter(), 0, 0.0
+            window_start_s, window_steps, window_images, window_wait_s = time.perf_counter(), 0, 0, 0.0
             if runtime.distributed and any_rank(plan.stop_requested(), device):
                 interrupted = True
                 break
