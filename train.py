@@ -113,14 +113,13 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = False
     elif runtime.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out_dir = Path(args.output_dir)
+    data = prepare_data(args, runtime, log)
+    train_loader, val_loader = build_loaders(args, data, runtime, per_device)
+    out_dir = Path(args.output_dir)  # written to only once the inputs are known to be good
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_dict(args)
     if runtime.is_main:
         write_json_atomic(config, out_dir / "config.json")
-
-    data = prepare_data(args, runtime, log)
-    train_loader, val_loader = build_loaders(args, data, runtime, per_device)
     classes = val_loader.classes
     device, precision = runtime.device, make_precision(args, runtime.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
