@@ -8,7 +8,7 @@ depend on which worker drew the sample: a resumed run sees the same crops as an 
 """
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
@@ -93,8 +93,15 @@ class _EpochSampler(Sampler):
 
 
 def _collate(items):
-    images = torch.stack([image for image, _ in items]).contiguous(memory_format=torch.channels_last)
-    return images, torch.tensor([label for _, label in items], dtype=torch.int64)
+    """Stack straight into an N x H x W x C buffer (in shared memory inside a worker): one copy,
+    and its N x C x H x W view is channels_last. Stacking then converting copied twice more and
+    grew each worker's heap by ~1 GB at 224 px."""
+    c, h, w = items[0][0].shape
+    out = torch.empty((len(items), h, w, c), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    torch.stack([image.permute(1, 2, 0) for image, _ in items], out=out)
+    return out.permute(0, 3, 1, 2), torch.tensor([label for _, label in items], dtype=torch.int64)
 
 
 class TorchvisionLoader:
