@@ -120,7 +120,7 @@ class TorchvisionLoader:
         self.dataloader = DataLoader(
             self.dataset, batch_size=spec.batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=_collate, pin_memory=pin_if_useful(spec.device), drop_last=spec.train,
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
             # Its own generator: a new iterator draws a worker base seed, and drawing it from the
             # global RNG would shift dropout's stream whenever workers (re)start, e.g. on resume.
             generator=torch.Generator().manual_seed(spec.seed))

@@ -1,0 +1,102 @@
+"""bench/: both benchmarks run end to end on a tiny dataset and write the JSON and PNG they promise.
+
+    python -m pytest -q tests/test_bench.py
+
+Numbers are not asserted (timing belongs in bench/, not in tests); what is asserted: every row is
+there, each row saw exactly the images of an epoch, ratios are consistent with the rows they come
+from, a non-default --max-resolution / --write-mode converts into its own folder and leaves the
+defaults alone, and a bad --loaders names the flag.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convert.make_sample import make_sample
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_IMAGES = 2 * 8  # 2 classes x 8 train images
+BATCH = 4
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_sample(tmp_path_factory.mktemp("bench_data"), num_classes=2, train_per_class=8, val_per_class=2,
+                       quiet=True)
+
+
+def run(script: str, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, f"bench/{script}", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_loader_fps_measures_every_row_and_converts_non_defaults_apart(data, tmp_path):
+    out = tmp_path / "loader_fps.json"
+    proc = run("loader_fps.py", "--data", data, "--batch-size", BATCH, "--image-size", 32, "--epochs", 1,
+               "--max-resolution", 96, "--write-mode", "raw", "--json", out)
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"stock", "ffcv", "ffcv bare", "dali", "dali bare", "torchvision", "torchvision bare",
+                         "decode limit: .beton images (raw)", "decode limit: shard JPEGs",
+                         "decode limit: original files"}
+    for name, row in rows.items():
+        # train drops the last partial batch; 16 images in batches of 4 leave none out
+        assert row["images_per_epoch"] == TRAIN_IMAGES, name
+        assert row["imgs_per_s"] > 0 and row["imgs_per_s_min"] <= row["imgs_per_s"] <= row["imgs_per_s_max"]
+        assert row["peak_rss_mb"] > 0, name
+    assert rows["stock"]["x_stock"] == pytest.approx(1.0)
+    # one epoch: the paired ratio is the plain ratio of the two rows
+    assert rows["ffcv"]["of_bare"] == pytest.approx(rows["ffcv"]["imgs_per_s"] / rows["ffcv bare"]["imgs_per_s"])
+    assert rows["ffcv"]["of_limit"] == pytest.approx(
+        rows["ffcv"]["imgs_per_s"] / rows["decode limit: .beton images (raw)"]["imgs_per_s"])
+    assert rows["ffcv"]["first_batch_s_cold"] > 0
+    assert [t["target"] for t in result["targets"]] == [
+        "ffcv >= 4.0x stock", "ffcv within 5% of ffcv bare", "dali >= 1.2x stock", "dali within 5% of dali bare",
+        "torchvision >= 1.3x stock", "torchvision within 5% of torchvision bare",
+        "ffcv >= 70% of its decode limit"]
+    # our torchvision loader reads the shards when they exist (DALI's row made them), so its bare row does too
+    assert result["settings"]["reads"] == {"ffcv": "beton", "stock": "folder", "dali": "shards",
+                                           "torchvision": "shards"}
+    assert len(result["load_average_before"]) == 3
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    assert "decode limit: original files" in proc.stdout  # the table
+    # the non-default settings went into their own folders; the default ones were not created
+    assert (data / "ffcv-96px-raw" / "train.beton").exists() and list((data / "shards-96px").glob("train-*.idx"))
+    assert not (data / "ffcv").exists() and not (data / "shards").exists()
+
+
+def test_train_fps_reports_stall_per_loader(data, tmp_path):
+    out = tmp_path / "train_fps.json"
+    png = tmp_path / "chart.png"
+    run("train_fps.py", "--data", data, "--loaders", "torchvision", "--device", "cpu", "--arch",
+        "mobilenetv3_small_050", "--image-size", 32, "--batch-size", BATCH, "--steps", 2, "--rounds", 1,
+        "--warmup-steps", 1, "--json", out, "--png", png)
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    try:
+        import augment  # noqa: F401
+        expected = {"model only", "model + augment", "e2e torchvision"}
+    except ImportError:
+        expected = {"model only", "e2e torchvision"}
+    assert set(rows) == expected
+    e2e = rows["e2e torchvision"]
+    # whole epochs: 16 images in batches of 4 = 4 steps, at least --steps 2
+    assert e2e["steps_per_round"] == TRAIN_IMAGES // BATCH
+    assert rows["model only"]["steps_per_round"] == TRAIN_IMAGES // BATCH
+    assert all(r["imgs_per_s"] > 0 for r in rows.values())
+    assert e2e["stall"] == pytest.approx(1 - e2e["imgs_per_s"] / rows["model only"]["imgs_per_s"])
+    assert 0 <= e2e["wait_pct"] <= 100
+    assert result["settings"]["device"] == "cpu" and result["targets"] == []  # no ffcv/dali row, no target
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("script", ["loader_fps.py", "train_fps.py"])
+def test_an_unknown_loader_is_named(script):
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--loaders", "ffcv,nope"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--loaders nope" in proc.stderr
