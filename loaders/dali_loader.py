@@ -140,8 +140,6 @@ class DALILoader:
             raw = out["labels"]
             labels = _ascii_labels(raw) if self.use_shards else raw
             yield to_device(images, labels, spec.device)
-        if spec.train:
-            del iterator
 
     def __iter__(self):
         return timed_epoch(self, self._batches())
