@@ -56,15 +56,21 @@ class DALILoader:
             self.total = len(self.paths)
         self.epoch = 0
         self.first_batch_s = None
-        self.num_samples = (len(self) * spec.batch_size if spec.train
-                            else len(range(spec.rank, self.total, spec.world_size)))
+        self.num_samples = len(self) * spec.batch_size if spec.train else self._val_shard_size()
         self._val_iterator = None
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def __len__(self):
-        return num_batches(self.total, self.spec)
+        if self.spec.train:
+            return num_batches(self.total, self.spec)
+        return -(-self._val_shard_size() // self.spec.batch_size)
+
+    def _val_shard_size(self) -> int:
+        """DALI's val shards are contiguous ranges, [r * N // W, (r + 1) * N // W), not rank::world."""
+        rank, world = self.spec.rank, self.spec.world_size
+        return (rank + 1) * self.total // world - rank * self.total // world
 
     # -- the pipeline ---------------------------------------------------------------------
     def _reader(self, shard_id: int):

@@ -128,7 +128,9 @@ def _two_rank_worker(rank, root, port, results):
     try:
         out = {}
         for name in VARIANTS:
-            out[(name, "val")] = _collect(_build(name, root, "val", rank=rank, world_size=2))
+            val = _build(name, root, "val", rank=rank, world_size=2)
+            out[(name, "val")] = _collect(val)
+            out[(name, "val size")] = (len(val), val.num_samples, sum(1 for _ in val), len(out[(name, "val")]))
             train = _build(name, root, "train", batch_size=5, rank=rank, world_size=2)
             train.set_epoch(1)
             out[(name, "train")] = (len(train), [len(labels) for _, labels in train])
@@ -147,6 +149,9 @@ def test_two_processes_see_disjoint_parts_and_every_val_image_exactly_once(datas
         both = results[0][(name, "val")] + results[1][(name, "val")]
         assert len(both) == 15
         assert collections.Counter(both) == collections.Counter(single[name]), name
+        for rank in (0, 1):  # len() and num_samples announce what this rank's val epoch yields
+            batches_announced, images_announced, batches, images = results[rank][(name, "val size")]
+            assert (batches_announced, images_announced) == (batches, images), (name, rank)
         # Train: 24 images over 2 ranks, batch 5 -> 2 full batches on each rank, never 3 on one.
         assert results[0][(name, "train")] == results[1][(name, "train")] == (2, [5, 5]), name
 
