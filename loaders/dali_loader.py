@@ -8,10 +8,16 @@ threads; no `.gpu()` anywhere. Option decode="mixed" decodes with nvJPEG on a CU
 Options: shards_dir (default DATA/shards), source ("auto" | "shards" | "folder"),
 decode ("cpu" | "mixed"), prefetch (batches queued ahead, default 2).
 
-Train: the pipeline is rebuilt each epoch, seeded from (seed, epoch), so set_epoch reshuffles
-reproducibly; every rank stops after the same number of full batches. Val: DALI's own sharding
-(contiguous, disjoint), pad_last_batch, and the iterator's PARTIAL policy drop the padding, so
-each image is counted once.
+Train: the pipeline is an endless stream (the reader moves on to the next shard at each of its
+own epochs) from which every rank takes the same number of full batches per epoch, so shard
+sizes that differ by one never stall DDP. Reading the shards, one pipeline serves consecutive
+epochs: building and tearing one down costs ~0.5 s, half of a 400-image epoch. A new one,
+seeded from (seed, epoch, rank), is built on the first epoch, when set_epoch does not follow the
+last epoch read to its end (a repeat, a resume, an epoch broken off), and every epoch when
+reading the ImageFolder: the file reader cannot reshuffle, so each epoch gets its own full
+permutation. So an uninterrupted run and a resumed one see the same images per epoch but not in
+the same order. Val: DALI's own sharding (contiguous, disjoint), pad_last_batch, and the
+iterator's PARTIAL policy drop the padding, so each image is counted once.
 """
 import numpy as np
 import torch
@@ -58,6 +64,9 @@ class DALILoader:
         self.first_batch_s = None
         self.num_samples = len(self) * spec.batch_size if spec.train else self._val_shard_size()
         self._val_iterator = None
+        self._stream = None  # the live train pipeline's endless iterator
+        self._stream_next_epoch = None  # the epoch it can serve next; None: build a new one
+        self.builds = 0  # train pipelines built so far (one per run when reading the shards)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -120,32 +129,40 @@ class DALILoader:
 
         return pipe()
 
-    def _iterator(self, shard_id: int):
-        pipe = self._pipeline(shard_id)
-        pipe.build()
-        return DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name="Reader", auto_reset=True,
-            last_batch_policy=LastBatchPolicy.DROP if self.spec.train else LastBatchPolicy.PARTIAL)
+    def _val_batches(self):
+        if self._val_iterator is None:
+            pipe = self._pipeline(self.spec.rank)
+            pipe.build()
+            self._val_iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                                     auto_reset=True, last_batch_policy=LastBatchPolicy.PARTIAL)
+        return self._val_iterator
+
+    def _train_stream(self):
+        """The endless iterator for this epoch: the live one when it just finished the previous epoch
+        and reads the shards, else a new pipeline starting at shard (rank + epoch) % world, the
+        rotation DistributedSampler's permutation gives and the reader keeps up at each of its epochs."""
+        if not (self.use_shards and self._stream is not None and self._stream_next_epoch == self.epoch):
+            self._stream = None  # release the old pipeline's threads and buffers before building
+            pipe = self._pipeline((self.spec.rank + self.epoch) % self.spec.world_size)
+            pipe.build()
+            self._stream = iter(DALIGenericIterator(pipe, ["images", "labels"], size=-1))
+            self.builds += 1
+        self._stream_next_epoch = None  # until this epoch is read to its end
+        return self._stream
+
+    def _train_batches(self):
+        stream = self._train_stream()
+        for _ in range(len(self)):
+            yield next(stream)
+        self._stream_next_epoch = self.epoch + 1
 
     def _batches(self):
-        spec = self.spec
-        if spec.train:
-            # Rotate shards over epochs as DistributedSampler's permutation would; stop every rank
-            # after the same number of batches, so shard sizes that differ by one never stall DDP.
-            iterator = self._iterator((spec.rank + self.epoch) % spec.world_size)
-            limit = len(self)
-        else:
-            if self._val_iterator is None:
-                self._val_iterator = self._iterator(spec.rank)
-            iterator, limit = self._val_iterator, None
-        for i, batch in enumerate(iterator):
-            if limit is not None and i >= limit:
-                break
+        for batch in (self._train_batches() if self.spec.train else self._val_batches()):
             out = batch[0]
             images = out["images"].permute(0, 3, 1, 2)  # N x H x W x C buffer -> channels_last view
             raw = out["labels"]
             labels = _ascii_labels(raw) if self.use_shards else raw
-            yield to_device(images, labels, spec.device)
+            yield to_device(images, labels, self.spec.device)
 
     def __iter__(self):
         return timed_epoch(self, self._batches())
