@@ -18,11 +18,29 @@ from loaders.dataset_index import split_index
 from loaders.shards import use_shards
 
 
-def transforms_for(spec: LoaderSpec) -> v2.Transform:
+class _RandomResizedCropFlip:
+    """v2.RandomResizedCrop + RandomHorizontalFlip(0.5), the same draws from the same RNG and the
+    same pixels, but kept in the decoder's H x W x C memory: the crop is made compact channels_last
+    before the resize, so the uint8 resize neither repacks its input nor its output and the batch
+    collate is a plain copy. v2 on the strided crop returned C x H x W memory, and turning that
+    into channels_last batches cost 0.26 ms/image, a seventh of the worker's time."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, h, w = v2.RandomResizedCrop.get_params(image, scale=list(RRC_SCALE), ratio=list(RRC_RATIO))
+        crop = image[:, top:top + h, left:left + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        out = v2.functional.resize(crop, [self.size, self.size], antialias=True)
+        if torch.rand(1) < 0.5:
+            out = out.flip(-1)
+        return out[0]
+
+
+def transforms_for(spec: LoaderSpec):
+    """uint8 C x H x W in (the decoder's H x W x C memory), uint8 C x S x S out."""
     if spec.train:
-        return v2.Compose([v2.RandomResizedCrop(spec.image_size, scale=RRC_SCALE, ratio=RRC_RATIO,
-                                                antialias=True),
-                           v2.RandomHorizontalFlip(0.5)])
+        return _RandomResizedCropFlip(spec.image_size)
     return v2.Compose([v2.Resize(int(spec.image_size / VAL_CROP_RATIO), antialias=True),
                        v2.CenterCrop(spec.image_size)])
 

@@ -97,6 +97,23 @@ def test_train_batches_are_full_and_the_epoch_order_is_reproducible(dataset, nam
     assert loader.first_batch_s is not None and loader.first_batch_s >= 0
 
 
+@pytest.mark.parametrize("variant, builds", [("dali-shards", 1), ("dali-folder", 3)])
+def test_dali_keeps_one_pipeline_over_consecutive_epochs_of_the_shards(dataset, variant, builds):
+    """A DALI pipeline costs ~0.5 s to build and tear down: reading the shards, one serves a run's
+    consecutive epochs (the folder reader cannot reshuffle, so it gets a new one per epoch), and
+    each epoch of the stream is still one full pass over the data."""
+    loader = _build(variant, dataset, "train")
+    histograms = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        histograms.append(collections.Counter(int(label) for _, labels in loader for label in labels))
+    assert loader.builds == builds
+    assert histograms == [collections.Counter(_folder_histogram(dataset, "train"))] * 3
+    loader.set_epoch(1)  # a repeat (or a resume) starts a new pipeline seeded for that epoch
+    list(loader)
+    assert loader.builds == builds + 1
+
+
 def test_the_same_val_image_comes_out_of_every_loader_nearly_the_same(dataset):
     size = 128
     blur = torch.nn.AvgPool2d(16)  # compare 8 x 8 cells of 16 x 16 px
@@ -250,3 +267,22 @@ def _collect_labels(loader):
 def test_an_unknown_loader_names_the_choices():
     with pytest.raises(ValueError, match="ffcv, dali, torchvision"):
         build_loader("pil", split="val", data=".", batch_size=1)
+
+
+def test_torchvision_train_crop_equals_v2_and_keeps_the_decoders_memory_layout(dataset):
+    """Our crop + flip keeps H x W x C memory (so the collate is a plain copy) and must still be
+    exactly torchvision v2's RandomResizedCrop + RandomHorizontalFlip, draw for draw."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms import v2
+    from loaders.torchvision_loader import _RandomResizedCropFlip
+    ours = _RandomResizedCropFlip(SIZE_PX)
+    reference = v2.Compose([v2.RandomResizedCrop(SIZE_PX, scale=RRC_SCALE, ratio=RRC_RATIO, antialias=True),
+                            v2.RandomHorizontalFlip(0.5)])
+    for seed, path in enumerate(sorted((dataset / "train").rglob("*.JPEG"))):
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        got = ours(image)
+        assert torch.equal(got, expected), path
+        assert got.permute(1, 2, 0).is_contiguous()
