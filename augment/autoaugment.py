@@ -1,6 +1,7 @@
 """Apply a plan (policies.sample_plan) to a uint8 batch. Per slot the batch is gathered in op
 order, so each op's samples are one contiguous run: one affine warp serves all geometric ops, one
-table lookup all table ops (ops.py), one call each the rest.
+table lookup all table ops (ops.py), one call each the rest, all in place on the gathered copy.
+On the CPU each run goes in chunks of a few MB (CPU_CHUNK_VALUES), on an accelerator whole.
 
 All grouping is decided from the host-side plan, so nothing is read back from the device.
 """
@@ -13,6 +14,9 @@ from .geometry import affine_matrices
 from .policies import GEOMETRIC, OP_INDEX, OPS, PER_VALUE, Slot
 
 _GEOMETRIC_RUN, _PER_VALUE_RUN = -1, -2
+# Samples are sorted by this rank, not by op index: Identity first, then OPS order except that
+# Solarize (not a table op) moves to the end, so that the table ops stay one run.
+_SORT_RANK = torch.tensor([i if name != "Solarize" else len(OPS) for i, name in enumerate(OPS)])
 
 
 def _runs(sorted_ops: list[int], family=lambda op: op) -> list[tuple[int, int, int]]:
@@ -28,12 +32,13 @@ def _runs(sorted_ops: list[int], family=lambda op: op) -> list[tuple[int, int, i
 
 
 def _family(op: int) -> int:
-    """Geometric ops share one run, table ops another (OPS keeps each family contiguous)."""
+    """Geometric ops share one run, table ops another (_SORT_RANK keeps each family contiguous)."""
     return _GEOMETRIC_RUN if op in GEOMETRIC else _PER_VALUE_RUN if op in PER_VALUE else op
 
 
-def _per_value(x: torch.Tensor, sorted_ops: list[int], mags: torch.Tensor) -> torch.Tensor:
-    """Build each sample's table by its op, then map the whole group through them in one gather."""
+def _per_value_(x: torch.Tensor, sorted_ops: list[int], mags: torch.Tensor) -> None:
+    """Build each sample's table by its op, then map the whole group through them in one lookup,
+    in place."""
     index = ops.table_index(x)
     tables = []
     for op, s, e in _runs(sorted_ops):
@@ -42,34 +47,60 @@ def _per_value(x: torch.Tensor, sorted_ops: list[int], mags: torch.Tensor) -> to
             t = ops.brightness_table(1.0 + m, dev)
         elif name == "Contrast":
             t = ops.contrast_table(1.0 + m, ops.gray_mean(x[s:e]))
-        elif name == "Solarize":
-            t = ops.solarize_table(255.0 * m, dev)
         elif name == "AutoContrast":
             t = ops.autocontrast_table(x[s:e])
         else:  # Equalize
-            t = ops.equalize_table(ops.channel_histograms(x[s:e], index[s:e]))
+            t = ops.equalize_table(ops.channel_histograms(index[s:e], x.shape[0])[s:e])
         tables.append(t.expand(e - s, x.shape[1], 256))
-    return ops.apply_table(x, torch.cat(tables), index)
+    ops.apply_table(x, torch.cat(tables), index, inplace=True)
+
+
+# On the CPU a run is applied in chunks of samples whose float32 temporaries stay within a few MB.
+# A whole run's temporaries (64 images of 224 px: 38 MB as float32) stream through DRAM, and above
+# glibc's ~32 MB mmap threshold, or once the heap trims them, each call gets fresh pages from the
+# OS; both together cost about as much as the arithmetic (bench/augment_cost.py, and the same ops
+# ran ~2x faster with glibc told to keep freed memory). On an accelerator a run is one chunk, so
+# one launch per op group as before.
+CPU_CHUNK_VALUES = 1 << 20
+
+
+def _chunks(x: torch.Tensor, start: int, end: int):
+    """(start, end) slices of samples start..end: the whole range on an accelerator, pieces of at
+    most CPU_CHUNK_VALUES values (at least one sample) on the CPU."""
+    if x.device.type != "cpu":
+        yield start, end
+        return
+    step = max(1, CPU_CHUNK_VALUES // max(1, x[0].numel()))
+    for s in range(start, end, step):
+        yield s, min(s + step, end)
 
 
 def _transform_runs_(x: torch.Tensor, sorted_ops: list[int], mags: torch.Tensor) -> None:
     """In place on x (a gathered copy): samples sorted by op, no Identity; mags float64 on the host."""
     _, _, h, w = x.shape
-    for key, s, e in _runs(sorted_ops, _family):
-        if key == _GEOMETRIC_RUN:
-            x[s:e] = ops.warp_affine(x[s:e], affine_matrices(torch.tensor(sorted_ops[s:e]), mags[s:e], h, w))
-        elif key == _PER_VALUE_RUN:
-            x[s:e] = _per_value(x[s:e], sorted_ops[s:e], mags[s:e])
-        elif OPS[key] == "Color":
-            x[s:e] = ops.adjust_saturation(x[s:e], 1.0 + mags[s:e])
-        elif OPS[key] == "Sharpness":
-            x[s:e] = ops.adjust_sharpness(x[s:e], 1.0 + mags[s:e])
-        elif OPS[key] == "Posterize":  # torchvision passes int(magnitude)
-            x[s:e] = ops.posterize(x[s:e], mags[s:e].trunc().long())
-        elif OPS[key] == "Invert":
-            x[s:e] = ops.invert(x[s:e])
-        else:
-            raise ValueError(f"no batched kernel for op {OPS[key]}")
+    for key, start, end in _runs(sorted_ops, _family):
+        for s, e in _chunks(x, start, end):
+            _transform_(x[s:e], key, sorted_ops[s:e], mags[s:e], h, w)
+
+
+def _transform_(x: torch.Tensor, key: int, sorted_ops: list[int], mags: torch.Tensor, h: int, w: int) -> None:
+    """One run (or chunk of one) of a family or op, in place."""
+    if key == _GEOMETRIC_RUN:
+        ops.warp_affine_(x, affine_matrices(torch.tensor(sorted_ops), mags, h, w))
+    elif key == _PER_VALUE_RUN:
+        _per_value_(x, sorted_ops, mags)
+    elif OPS[key] == "Color":
+        ops.adjust_saturation_(x, 1.0 + mags)
+    elif OPS[key] == "Sharpness":
+        x.copy_(ops.adjust_sharpness(x, 1.0 + mags))
+    elif OPS[key] == "Posterize":  # torchvision passes int(magnitude)
+        ops.posterize_(x, mags.trunc().long())
+    elif OPS[key] == "Solarize":  # threshold as a fraction of 255
+        ops.solarize_(x, 255.0 * mags)
+    elif OPS[key] == "Invert":
+        ops.invert_(x)
+    else:
+        raise ValueError(f"no batched kernel for op {OPS[key]}")
 
 
 def apply_op(images: torch.Tensor, op: str, magnitudes: torch.Tensor) -> torch.Tensor:
@@ -94,7 +125,7 @@ def _apply_sorted(rows: torch.Tensor, plan: list[Slot], as_images) -> torch.Tens
         ops_now = slot.ops[position]
         if bool((ops_now == OP_INDEX["Identity"]).all()):
             continue
-        order = torch.argsort(ops_now, stable=True)
+        order = torch.argsort(_SORT_RANK[ops_now], stable=True)
         position = position[order]
         rows = rows.index_select(0, ops.host_to(order, rows.device))
         sorted_ops = ops_now[order].tolist()

@@ -4,13 +4,22 @@ every sample carries its own parameter (a length-N tensor), one kernel launch se
 Each op reproduces `torchvision.transforms.v2.functional` on uint8 images, including where it
 rounds, truncates and clamps, so a sample comes out as torchvision would make it.
 
-Brightness, contrast, solarize, autocontrast and equalize map each channel value through a
-256-entry table per sample and channel: torchvision's own float32 formula evaluated on the values
-0..255, hence the same result value by value. Tables of different ops and samples are then
-applied in one gather (autoaugment.py), one pass and one launch for the whole group.
+Brightness, contrast, autocontrast and equalize map each channel value through a 256-entry
+table per sample and channel: torchvision's own float32 formula evaluated on the values 0..255,
+hence the same result value by value. Tables of different ops and samples are then applied in one
+int32 index_select (autoaugment.py), one pass and one launch for the whole group. Solarize,
+posterize and invert stay in uint8 (a comparison, a mask, a complement), cheaper than any lookup.
+
+What costs time on the CPU, measured (bench/augment_cost.py prints the op-by-op table): bytes
+moved, so uint8 beats int32/float32 and in-place beats fresh temporaries; an element-wise op whose
+inner loop is short (a per-channel value broadcast over a channels_last batch walks 3 values at a
+time) or that compares against a broadcast value runs element by element, several times slower
+than the same op over whole tensors; and a fresh temporary above ~32 MB (one float32 or int32
+copy of 64 images of 224 px) gets new pages from the OS on every call (glibc's mmap threshold),
+which costs more than the pass that fills it (autoaugment.py applies CPU runs in chunks).
 
 Exactness (tests/test_augment.py checks every op against torchvision):
-- exact by construction: warp_affine (nearest sampling from the same float32 grid), brightness
+- exact by construction: warp_affine_ (nearest sampling from the same float32 grid), brightness
   (the same single float32 multiply), posterize, invert, solarize, autocontrast, equalize
   (integer arithmetic, or the same float32 operations on the same operands).
 - guaranteed within 1 grey level: color (saturation), contrast, sharpness. They blend in float32
@@ -60,18 +69,23 @@ def contrast_table(factor: torch.Tensor, gray_mean: torch.Tensor) -> torch.Tenso
     return blended.clamp_(0, 255).to(torch.uint8)
 
 
-def solarize_table(threshold: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Invert values >= threshold. torchvision compares the uint8 image with a Python float, which
-    promotes both to float32, so the threshold is rounded to float32 here too (255 * 2/30 is
-    17.0000004 in float64 but 17.0 in float32, and 17 gets inverted)."""
-    v = _values(device)
-    return torch.where(v >= _per_sample(threshold, device), 255 - v, v).to(torch.uint8)
+def _channel_extrema(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [N, C, 1] per-channel min and max. channels_last is reduced over rows first, with
+    whole W x C rows as the vectorised inner loop; reducing over (H, W) directly walks the 3
+    channels as the inner loop, several times slower."""
+    n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        rows = x.permute(0, 2, 3, 1).reshape(n, h, w * c)
+        lo = rows.amin(dim=1).view(n, w, c).amin(dim=1)
+        hi = rows.amax(dim=1).view(n, w, c).amax(dim=1)
+    else:
+        lo, hi = x.amin(dim=(2, 3)), x.amax(dim=(2, 3))
+    return lo.float().unsqueeze(-1), hi.float().unsqueeze(-1)
 
 
 def autocontrast_table(x: torch.Tensor) -> torch.Tensor:
     """Stretch each channel's [min, max] to [0, 255]; flat channels are left as they are."""
-    lo = x.amin(dim=(2, 3)).float().unsqueeze(-1)
-    hi = x.amax(dim=(2, 3)).float().unsqueeze(-1)
+    lo, hi = _channel_extrema(x)
     flat = hi == lo
     inv_scale = (hi - lo).mul_(1.0 / 255.0).masked_fill_(flat, 1.0)
     lo = lo.masked_fill_(flat, 0.0)
@@ -91,46 +105,74 @@ def equalize_table(hist: torch.Tensor) -> torch.Tensor:
 
 
 # ---- applying tables ------------------------------------------------------------------------------
-# Tables are looked up in the batch's own memory layout, so a channels_last batch is never
-# transposed: values are viewed as [N, C, H*W] (contiguous) or [N, H*W, C] (channels_last) and
-# the table is indexed along the value axis, 2 or 1.
+# One flat index serves the histograms and the lookup of a whole group: entry = value + 256 * (table
+# number), table number = C * sample + channel, int32 and in the batch's own memory layout, so a
+# channels_last batch is never transposed. The lookup is then one index_select over all tables
+# concatenated, and the histograms one bincount (index_add_ off the CPU). All take int32 indices;
+# an int64 index (what gather and scatter_add_ demand) is twice the bytes to write and read, and on
+# the CPU the conversion to it cost as much as the lookup itself.
 
-def _value_axis(x: torch.Tensor) -> int:
+def _memory_order(x: torch.Tensor) -> torch.Tensor:
+    """x flattened in memory order (a view): contiguous or channels_last N x C x H x W."""
     if x.is_contiguous():
-        return 2
+        return x.view(-1)
     if x.is_contiguous(memory_format=torch.channels_last):
-        return 1
+        return x.permute(0, 2, 3, 1).view(-1)
     raise ValueError("images must be contiguous or channels_last")
 
 
+def _table_offsets(x: torch.Tensor) -> torch.Tensor:
+    """int32 256 * (C * sample + channel), shaped to broadcast over x with long inner loops. For
+    channels_last the offsets of one whole row (W x C) are materialised: broadcasting [N, C, 1, 1]
+    there leaves an inner loop of C = 3 elements, several times slower on the CPU."""
+    n, c, _, w = x.shape
+    k = torch.arange(n * c, dtype=torch.int32, device=x.device).mul_(256)
+    if x.is_contiguous():
+        return k.view(n, c, 1, 1)
+    return k.view(n, 1, 1, c).expand(n, 1, w, c).contiguous().permute(0, 3, 1, 2)
+
+
 def table_index(x: torch.Tensor) -> torch.Tensor:
-    """int64 values of x, [N, C, H*W] or [N, H*W, C] (see _value_axis): the index histograms and
-    lookups share (computed once when a group needs both)."""
-    n, c, h, w = x.shape
-    if _value_axis(x) == 2:
-        return x.view(n, c, h * w).long()
-    return x.permute(0, 2, 3, 1).reshape(n, h * w, c).long()
+    """int32 value + 256 * (C * sample + channel) for every value of x, in x's memory layout: what
+    channel_histograms and apply_table share (computed once when a group needs both)."""
+    return x.to(torch.int32).add_(_table_offsets(x))
 
 
-def channel_histograms(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """int64 [N, C, 256] value counts per sample and channel; `index` is table_index(x)."""
-    n, c = x.shape[:2]
-    axis = _value_axis(x)
-    hist = torch.zeros((n, c, 256) if axis == 2 else (n, 256, c), dtype=torch.int64, device=x.device)
-    hist.scatter_add_(axis, index, torch.ones((), dtype=torch.int64, device=x.device).expand_as(index))
-    return hist if axis == 2 else hist.transpose(1, 2)
+def channel_histograms(index: torch.Tensor, num_samples: int, bincount: bool | None = None) -> torch.Tensor:
+    """int64 [num_samples, C, 256] value counts per sample and channel. `index` is table_index of
+    num_samples images, or a slice of it (the samples outside the slice count nothing).
+
+    bincount (the default on the CPU) is about twice as fast as index_add_ there; on CUDA it reads
+    the index's max back to the host to size its output, a sync, so accelerators take index_add_.
+    """
+    c = index.shape[1]
+    flat = _memory_order(index)
+    size = num_samples * c * 256
+    if bincount is None:
+        bincount = flat.device.type == "cpu"
+    if bincount:
+        counts = torch.bincount(flat, minlength=size)
+    else:
+        counts = torch.zeros(size, dtype=torch.int32, device=flat.device)
+        counts.index_add_(0, flat, torch.ones((), dtype=torch.int32, device=flat.device).expand_as(flat))
+    return counts.view(num_samples, c, 256).long()
 
 
-def apply_table(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+def apply_table(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor | None = None,
+                inplace: bool = False) -> torch.Tensor:
     """Map every value of sample i, channel c through table[i, c] (or table[i, 0] for all
-    channels). The result has x's memory layout."""
+    channels). The result has x's memory layout; `inplace` writes it into x (the lookup reads only
+    the table and the index, so x may be overwritten) and saves a copy back."""
     n, c, h, w = x.shape
-    axis = _value_axis(x)
     index = table_index(x) if index is None else index
-    table = table.expand(n, c, 256)
-    if axis == 2:
-        return table.gather(2, index).view(n, c, h, w)
-    return table.transpose(1, 2).gather(1, index).view(n, h, w, c).permute(0, 3, 1, 2)
+    flat_table = table.expand(n, c, 256).reshape(-1)
+    if inplace:
+        torch.index_select(flat_table, 0, _memory_order(index), out=_memory_order(x))
+        return x
+    out = flat_table.index_select(0, _memory_order(index))
+    if x.is_contiguous():
+        return out.view(n, c, h, w)
+    return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def gray_mean(x: torch.Tensor) -> torch.Tensor:
@@ -149,46 +191,65 @@ def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return apply_table(x, contrast_table(factor, gray_mean(x)))
 
 
-def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    return apply_table(x, solarize_table(threshold, x.device))
-
-
 def autocontrast(x: torch.Tensor) -> torch.Tensor:
     return apply_table(x, autocontrast_table(x))
 
 
 def equalize(x: torch.Tensor) -> torch.Tensor:
     index = table_index(x)
-    return apply_table(x, equalize_table(channel_histograms(x, index)), index)
+    return apply_table(x, equalize_table(channel_histograms(index, x.shape[0])), index)
 
 
-# ---- bitwise per-value ops --------------------------------------------------------------------
+# ---- bitwise per-value ops, in place ------------------------------------------------------------
+# These cost about as much as a copy of the batch, so they work in place on the caller's (already
+# gathered) samples rather than make a new tensor that would then be copied back.
 
-def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Keep the top `bits` bits of every value."""
+def solarize_(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Invert values >= threshold (float64 [N] on the host), in place. torchvision compares the
+    uint8 image with a Python float, which promotes both to float32, so the threshold is rounded to
+    float32 first (255 * 2/30 is 17.0000004 in float64 but 17.0 in float32, and 17 gets inverted).
+    For an integer v, v >= t holds exactly when v >= ceil(t), so the comparison then runs on the
+    uint8 values themselves, with no wider copy of the image (torchvision rejects thresholds above
+    255)."""
+    lowest = _per_sample(threshold.float().ceil().clamp(0, 255), x.device, torch.uint8).unsqueeze(1)
+    # v >= t as max(v, t) == v, and ~v as v ^ 255: on the CPU a comparison or where() against a
+    # per-sample value runs element by element, several times slower than these whole-tensor ops.
+    at_or_above = torch.maximum(x, lowest) == x
+    return x.bitwise_xor_(at_or_above.view(torch.uint8).neg_())
+
+
+def posterize_(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Keep the top `bits` bits of every value, in place."""
     bits = bits.long().clamp(0, 8)
     mask = ((1 << bits) - 1) << (8 - bits)
-    return x & _per_sample(mask, x.device, torch.uint8).unsqueeze(1)
+    return x.bitwise_and_(_per_sample(mask, x.device, torch.uint8).unsqueeze(1))
 
 
-def invert(x: torch.Tensor) -> torch.Tensor:
-    return x.bitwise_not()
+def invert_(x: torch.Tensor) -> torch.Tensor:
+    return x.bitwise_not_()
 
 
 # ---- ops that mix pixels ------------------------------------------------------------------------
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma, floored, float32 N x 1 x H x W (torchvision's order of operations)."""
+    """ITU-R 601 luma, floored, float32 N x 1 x H x W (torchvision's order of operations). The
+    result depends only on each pixel's (r, g, b), not on the planes' dtype (uint8 or float32) or
+    strides: checked for all 2**24 colours on this build, contiguous and channels_last."""
     r, g, b = x.unbind(dim=1)
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(1)
 
 
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend with the sample's own grayscale ("Color" in AutoAugment)."""
+def adjust_saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the sample's own grayscale ("Color" in AutoAugment), written back into x. The
+    blend runs on one planar (N x C x H x W contiguous) float32 copy: on channels_last the
+    per-channel planes are strided and broadcasting the grey plane over the channels gives an inner
+    loop of 3 values, both several times slower than the planar float ops."""
     ratio = _per_sample(factor, x.device).unsqueeze(1)
     alpha = _per_sample(1.0 - factor, x.device).unsqueeze(1)
-    blended = torch.addcmul(x.float().mul_(ratio), _grayscale(x), alpha)
-    return blended.clamp_(0, 255).to(torch.uint8)
+    planar = x.to(torch.float32, memory_format=torch.contiguous_format)
+    gray = _grayscale(planar)
+    planar.mul_(ratio).addcmul_(gray, alpha).clamp_(0, 255)
+    return x.copy_(planar)  # float -> uint8 truncates, as torchvision's .to(uint8)
 
 
 def adjust_sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -212,8 +273,9 @@ def adjust_sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-def warp_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Per-sample affine warp, nearest neighbour, 0 outside the image (AutoAugment's defaults).
+def warp_affine_(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Per-sample affine warp, nearest neighbour, 0 outside the image (AutoAugment's defaults),
+    written back into x (the image is packed into a new buffer before any of it is overwritten).
 
     `theta`, a float32 [N, 2, 3] host tensor (geometry.affine_matrices), maps output pixels to input
     pixels, both measured in pixels from the image centre. The grid is built in pixel units with
@@ -223,8 +285,15 @@ def warp_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     would run in bf16/fp16 and land half a pixel off (autocast is switched off here); with TF32
     matmuls enabled globally it is off by ~0.05 px at 224 px, so a few pixels near ties take a
     neighbour's value.
+
+    Nearest sampling moves whole pixels, so grid_sample reads one packed plane instead of C float
+    channels: a pixel's (up to 3) bytes as one int32, converted to float32 exactly, sampled (0
+    outside the image is the pixel (0, 0, 0), torchvision's fill) and unpacked. A third of the
+    floats to convert, sample and round, and a third of the bytes of a float copy of the image.
     """
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
+    if c > 3:
+        raise ValueError(f"warp_affine_ packs a pixel into one float32 exactly for up to 3 channels, got {c}")
     # Scaled on the host, where theta is made: building it from Python numbers on an accelerator
     # would be a blocking copy.
     scaled = (theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h])).contiguous()
@@ -232,7 +301,16 @@ def warp_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     xs = torch.arange(w, dtype=torch.float32, device=x.device) - (w - 1) * 0.5
     ys = torch.arange(h, dtype=torch.float32, device=x.device) - (h - 1) * 0.5
     base = torch.stack([xs.expand(h, w), ys.unsqueeze(1).expand(h, w), torch.ones(h, w, device=x.device)], dim=-1)
+    # Three adjacent bytes of an int32 span at most 24 significant bits in either byte order, so
+    # the conversion to float32 and back is exact.
+    pixels = torch.zeros(n, h, w, 4, dtype=torch.uint8, device=x.device)
+    for ch in range(c):  # one channel at a time: a [..., :c] copy would loop over 3 bytes at a time
+        pixels[..., ch] = x[:, ch]
+    packed = pixels.view(torch.int32).to(torch.float32).view(n, 1, h, w)
     with torch.autocast(x.device.type, enabled=False):
         grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
-        out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out.round_().to(torch.uint8)
+        sampled = F.grid_sample(packed, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    pixels = sampled.to(torch.int32).view(torch.uint8).view(n, h, w, 4)
+    for ch in range(c):
+        x[:, ch] = pixels[..., ch]
+    return x

@@ -15,17 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-# Order matters: indices are stored in plans, and after samples are sorted by op the geometric ops
-# form one run (one affine warp serves them all) and so do the per-value ops (one lookup table
-# pass serves them all, see ops.py).
+# Order matters: indices are stored in plans and drawn by position, so reordering changes every
+# draw. autoaugment.py sorts samples so that each family of ops forms one run.
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
        "Color", "Sharpness", "Posterize", "Invert",
        "Brightness", "Contrast", "Solarize", "AutoContrast", "Equalize")
 OP_INDEX = {name: i for i, name in enumerate(OPS)}
 GEOMETRIC = frozenset(OP_INDEX[n] for n in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"))
-# Ops applied through a per-sample, per-channel table of the 256 values (ops.py). Posterize and
-# Invert are per-value too, but a bitwise op is cheaper than a table lookup.
-PER_VALUE = frozenset(OP_INDEX[n] for n in ("Brightness", "Contrast", "Solarize", "AutoContrast", "Equalize"))
+# Ops applied through a per-sample, per-channel table of the 256 values (ops.py). Posterize, Invert
+# and Solarize are per-value too, but a bitwise op or a uint8 comparison is cheaper than a lookup.
+PER_VALUE = frozenset(OP_INDEX[n] for n in ("Brightness", "Contrast", "AutoContrast", "Equalize"))
 # Ops whose magnitude torchvision negates with probability 1/2.
 SIGNED = frozenset(OP_INDEX[n] for n in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
                                          "Brightness", "Color", "Contrast", "Sharpness"))

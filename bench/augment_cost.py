@@ -1,14 +1,20 @@
 """Per-image cost of augment.DeviceAugment's batched policy against torchvision v2 applied image by
-image, on the same uint8 images, side by side in one run; plus its GPU cost when CUDA is present.
+image, on the same uint8 images, side by side in one run; then the same comparison op by op, to
+show where the time goes; plus its GPU cost when CUDA is present.
 
-    python bench/augment_cost.py [--batch 64] [--image-size 224] [--policy imagenet] [--threads N] [--json PATH]
+    python bench/augment_cost.py [--batch 64] [--image-size 224] [--policy imagenet] [--threads N]
+                                 [--no-per-op] [--json PATH]
 
 CPU: ours gets the batch as loaders deliver it (uint8, channels_last); torchvision gets each image
 as a contiguous C x H x W tensor, prepared outside the timed window. Both sides are warmed up,
 then timed alternately (ours, torchvision, ours, ...) so that load from other processes hits both
-alike, and the median of --repeats runs of each is reported. GPU: the same batch on the device, with a synchronize on
-each side of the timed window; for scale it also times one training step of torchvision's
-mobilenet_v3_large (bf16 autocast, SGD) at the same batch and reports augmentation's share.
+alike, and the median of --repeats runs of each is reported. Per op: every image gets the op at
+AutoAugment's middle magnitude bin (5 of 10, positive sign) through `augment.autoaugment.apply_op`,
+the path a policy slot takes, against torchvision's own per-op mapping applied image by image,
+all ops on both sides in turn within each repeat. GPU: the same batch on the device, with a
+synchronize on each side of the timed window; for scale it also times one training step of
+torchvision's mobilenet_v3_large (bf16 autocast, SGD) at the same batch and reports
+augmentation's share.
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ import torchvision
 from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from augment import DeviceAugment  # noqa: E402
+from augment import DeviceAugment, OPS  # noqa: E402
+from augment.autoaugment import apply_op  # noqa: E402
+from augment.policies import magnitude_table  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per side first")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for both sides (default: torch's own choice)")
+    p.add_argument("--no-per-op", action="store_true", help="skip the op-by-op comparison")
     p.add_argument("--json", default=None, help="also write the results to this path")
     return p
 
@@ -73,6 +82,36 @@ def torchvision_transform(policy: str):
     if policy == "randaugment":
         return v2.RandAugment(num_ops=2, magnitude=9)
     return v2.TrivialAugmentWide()
+
+
+def per_op_numbers(args, images: torch.Tensor) -> dict:
+    """ours vs torchvision, ms per image, for every op at a fixed magnitude (see the docstring).
+    Every repeat runs all ops on both sides in turn, so a burst of load from another process
+    lands on many ops a little rather than on one op entirely."""
+    n, _, h, w = images.shape
+    per_image = [img.contiguous() for img in images]
+    tv = v2.AutoAugment()  # its per-op mapping (signed magnitude -> F.*), as tests/test_augment.py uses
+    magnitudes, fns = {}, []
+    for op in OPS[1:]:
+        bins = magnitude_table(op, 10, h, w, wide=False)
+        magnitudes[op] = m = 0.0 if bins is None else float(bins[5])
+        mags = torch.full((n,), m, dtype=torch.float64)
+
+        def ours(step, op=op, mags=mags):
+            apply_op(images, op, mags)
+
+        def theirs(step, op=op, m=m):
+            for img in per_image:
+                tv._apply_image_or_video_transform(img, op, m, interpolation=tv.interpolation, fill=tv._fill)
+
+        fns += [ours, theirs]
+    seconds = median_s(fns, args.repeats, args.warmup)
+    rows = {}
+    for i, (op, m) in enumerate(magnitudes.items()):
+        ours_s, tv_s = seconds[2 * i], seconds[2 * i + 1]
+        rows[op] = {"magnitude": m, "ours_ms_per_image": ours_s * 1e3 / n,
+                    "torchvision_ms_per_image": tv_s * 1e3 / n, "torchvision_over_ours": tv_s / ours_s}
+    return rows
 
 
 def gpu_numbers(args, images: torch.Tensor, aug: DeviceAugment) -> dict:
@@ -131,6 +170,7 @@ def main() -> None:
     result = {
         "policy": args.policy, "batch": args.batch, "image_size_px": args.image_size,
         "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
         "cpu": platform.processor() or platform.machine(),
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         "cpu_ours_ms_per_image": ours_s * 1e3 / args.batch,
@@ -142,6 +182,13 @@ def main() -> None:
     print(f"CPU  ours (batched)          {result['cpu_ours_ms_per_image']:8.3f} ms/image")
     print(f"CPU  torchvision v2 per image {result['cpu_torchvision_ms_per_image']:8.3f} ms/image")
     print(f"CPU  torchvision / ours       {result['cpu_speedup']:8.2f}x")
+    if not args.no_per_op:
+        result["cpu_per_op"] = per_op = per_op_numbers(args, images)
+        print(f"\nCPU per op, every image the same op (ms/image)\n{'op':13s} {'magnitude':>9s} {'ours':>7s} "
+              f"{'torchvision':>11s} {'tv/ours':>7s}")
+        for op, r in per_op.items():
+            print(f"{op:13s} {r['magnitude']:9.3f} {r['ours_ms_per_image']:7.3f} {r['torchvision_ms_per_image']:11.3f} "
+                  f"{r['torchvision_over_ours']:7.2f}")
     if torch.cuda.is_available():
         result["gpu"] = gpu = gpu_numbers(args, images, aug)
         print(f"GPU  ours (batched)          {gpu['policy_ms_per_image']:8.4f} ms/image "

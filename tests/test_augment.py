@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from augment import DeviceAugment, OPS, derive_seed, sample_plan, soft_target_cross_entropy  # noqa: E402
+from augment import autoaugment, ops  # noqa: E402
 from augment.autoaugment import apply_op  # noqa: E402
 from augment.erase import erase, sample_erase_boxes  # noqa: E402
 from augment.mix import sample_mix  # noqa: E402
@@ -106,6 +107,48 @@ def test_rotate_quarter_turn_and_float32_solarize_threshold():
     assert int(sol[0, 0, 0, 0]) == 255 - 17
 
 
+def test_solarize_every_value_at_every_kind_of_threshold():
+    # The uint8 kernel compares with ceil(float32 threshold): every value 0..255 against integer,
+    # fractional, float32-rounded and extreme thresholds, each sample its own.
+    values = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, 16, 16)
+    thresholds = [0.0, 0.4, 1.0, 17.0, 255 * 2 / 30, 127.5, 128.0, 254.2, 254.99, 255.0]
+    images = values.expand(len(thresholds), 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    ours = apply_op(images, "Solarize", torch.tensor(thresholds, dtype=torch.float64) / 255.0)
+    for i, t in enumerate(thresholds):
+        assert torch.equal(ours[i], tv_op(images[i], "Solarize", t / 255.0)), f"threshold {t}"
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_warp_moves_whole_pixels_of_full_range_bytes(layout):
+    # The warp samples each pixel's 3 bytes packed into one float32: uniform random bytes (so
+    # (255, 255, 255) and every byte pattern occur) must come out exactly, in channel order.
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 17, 23), dtype=torch.uint8, generator=g)
+    images[:, :, 5:9, 5:9] = 255
+    images = images.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else images
+    angles = [0.0, 7.5, -33.0, 90.0, 181.0, 359.0]
+    ours = apply_op(images, "Rotate", torch.tensor(angles, dtype=torch.float64))
+    assert ours.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert torch.equal(ours[0], images[0])
+    for i, angle in enumerate(angles):
+        assert torch.equal(ours[i], tv_op(images[i], "Rotate", angle)), f"angle {angle}"
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_channel_histograms_count_every_value_on_both_paths(layout):
+    # bincount serves the CPU, index_add_ accelerators (bincount syncs there); both must give each
+    # sample's and channel's own counts, also for a slice of the batch.
+    images = photo_like(5, 12, 10)
+    images = images if layout == "channels_last" else images.contiguous()
+    index = ops.table_index(images)
+    expected = torch.stack([torch.stack([torch.bincount(images[i, c].flatten(), minlength=256) for c in range(3)])
+                            for i in range(5)])
+    for bincount in (True, False):
+        assert torch.equal(ops.channel_histograms(index, 5, bincount=bincount), expected)
+        part = ops.channel_histograms(index[1:4], 5, bincount=bincount)
+        assert torch.equal(part[1:4], expected[1:4]) and part[[0, 4]].sum() == 0
+
+
 # ---- parity end to end, and per-sample draws -----------------------------------------------------
 
 @pytest.mark.parametrize("policy", ["imagenet", "randaugment", "trivialaugment"])
@@ -122,6 +165,25 @@ def test_batch_equals_torchvision_replay_of_each_samples_plan(policy):
             assert torch.equal(out[i], ref), f"sample {i} ({names}) differs"
         else:  # a rare 1-level blend difference may be moved by a later op; bound it instead
             assert (diff > 0).double().mean() <= MAX_OFF_BY_ONE, f"sample {i} ({names})"
+
+
+@pytest.mark.parametrize("policy", ["imagenet", "randaugment", "trivialaugment"])
+def test_cpu_chunks_change_nothing(policy, monkeypatch):
+    # On the CPU runs are applied in chunks of samples (autoaugment.CPU_CHUNK_VALUES); the test
+    # images fit one chunk by default, so force chunks of 2 samples and compare with one chunk and
+    # with torchvision.
+    images = photo_like(24, 32, 40)
+    aug = DeviceAugment(num_classes=10, auto_augment=policy, seed=3)
+    whole = aug.before_normalize(images, step=5)
+    monkeypatch.setattr(autoaugment, "CPU_CHUNK_VALUES", 2 * 3 * 32 * 40)
+    assert list(autoaugment._chunks(images, 3, 8)) == [(3, 5), (5, 7), (7, 8)]
+    chunked = aug.before_normalize(images, step=5)
+    assert torch.equal(chunked, whole)
+    plan = aug.plan(24, 32, 40, step=5)
+    exact = [i for i in range(24) if {OPS[int(slot.ops[i])] for slot in plan} <= EXACT]
+    assert len(exact) >= 8
+    for i in exact:
+        assert torch.equal(chunked[i], replay(images[i], plan, i)), f"sample {i}"
 
 
 def test_samples_in_one_batch_get_different_ops():
