@@ -19,7 +19,9 @@ RMSprop with the recipe's settings), zero_grad; same model, precision and memory
 Rows are timed in rounds, one after the other and in a rotating order, so load from other
 processes hits all of them alike; each figure is the median over --rounds, each ratio the median
 of per-round ratios. An e2e phase runs whole epochs (so no loader is left prefetching into the
-next row's time) and takes at least --steps steps; the model rows run as many steps. The clock
+next row's time) and takes at least --steps steps, right after one untimed epoch of the loader
+alone (a loader that works ahead between epochs, as our DALI stream does, would otherwise get
+the next row's time for it); the model rows run as many steps. The clock
 starts and stops with a synchronize of the device. On the CPU the loader and the model share
 the same cores: there the stall measures how much of the CPU the loader takes from the model as
 well as any waiting, and `wait %` (time blocked in next(loader)) tells the two apart.
@@ -160,6 +162,15 @@ class LoaderRow:
                 steps += 1
         return {"images": images, "steps": steps, "wait_s": wait_s}
 
+    def lead_in(self):
+        """One untimed epoch of the loader alone, right before a timed phase: a loader that works
+        ahead between epochs (our DALI stream) then does it in its own time, not while the rows
+        before it are being timed."""
+        self.loader.set_epoch(self.epoch)
+        self.epoch += 1
+        for _ in self.loader:
+            pass
+
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
@@ -233,6 +244,8 @@ def main(argv=None):
         print(f"train_fps: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
         for k in range(len(rows)):
             row = rows[(k + r) % len(rows)]
+            if isinstance(row, LoaderRow):
+                row.lead_in()
             with Window(lambda: sync(device)) as w:
                 out = row.run(model_steps) if isinstance(row, ModelRow) else row.run()
             results[row.name].append({**out, "wall_s": w.wall_s, "cpu_s": w.cpu_s})
