@@ -19,12 +19,12 @@ augmentation's share.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torchvision
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from augment import DeviceAugment, OPS  # noqa: E402
 from augment.autoaugment import apply_op  # noqa: E402
 from augment.policies import magnitude_table  # noqa: E402
+from bench.common import bar_chart, write_json  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -199,8 +200,24 @@ def main() -> None:
     else:
         print("GPU  not available: CPU numbers only")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        json_path = write_json(result, args.json)
+        png_path = plot(json_path.with_suffix(".png"), result)
+        print(f"\nwrote {json_path} and {png_path}")
+
+
+def plot(path, result: dict) -> Path:
+    """ms per image, ours against torchvision: the whole policy first, then each op."""
+    labels, values, colors, notes = [], [], [], []
+    pairs = [(f"{result['policy']} policy", result["cpu_ours_ms_per_image"], result["cpu_torchvision_ms_per_image"])]
+    pairs += [(op, r["ours_ms_per_image"], r["torchvision_ms_per_image"]) for op, r in result.get("cpu_per_op", {}).items()]
+    for name, ours_ms, tv_ms in pairs:
+        labels += [f"{name}: ours", f"{name}: torchvision"]
+        values += [ours_ms, tv_ms]
+        colors += ["#1f77b4", "#7f7f7f"]
+        notes += [f"{tv_ms / ours_ms:.2f}x cheaper" if ours_ms < tv_ms else f"{ours_ms / tv_ms:.2f}x dearer", ""]
+    title = (f"augment_cost: {result['batch']} images of {result['image_size_px']} px, uint8 channels_last, "
+             f"{result['torch_threads']} CPU threads; ours batched vs torchvision v2 image by image")
+    return bar_chart(path, labels, values, values, values, colors, title, "CPU ms per image (median)", notes=notes)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""bench/: both benchmarks run end to end on a tiny dataset and write the JSON and PNG they promise.
+"""bench/: the benchmarks run end to end on a tiny dataset and write the JSON and PNG they promise.
 
     python -m pytest -q tests/test_bench.py
 
@@ -100,3 +100,16 @@ def test_an_unknown_loader_is_named(script):
     proc = subprocess.run([sys.executable, f"bench/{script}", "--loaders", "ffcv,nope"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--loaders nope" in proc.stderr
+
+
+def test_augment_cost_compares_the_policy_and_every_op_and_plots_them(tmp_path):
+    from augment import OPS
+    out = tmp_path / "augment_cost.json"
+    run("augment_cost.py", "--batch", 4, "--image-size", 32, "--repeats", 1, "--warmup", 0, "--json", out)
+    result = json.loads(out.read_text())
+    assert result["batch"] == 4 and result["image_size_px"] == 32
+    assert result["cpu_speedup"] == pytest.approx(result["cpu_torchvision_ms_per_image"] / result["cpu_ours_ms_per_image"])
+    assert list(result["cpu_per_op"]) == list(OPS[1:])  # every op but Identity, in policy order
+    for op, r in result["cpu_per_op"].items():
+        assert r["ours_ms_per_image"] > 0 and r["torchvision_ms_per_image"] > 0, op
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
