@@ -9,6 +9,7 @@ Not a script: `python convert/to_ffcv.py` and `python convert/to_shards.py` use 
 import argparse
 import ctypes
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -182,7 +183,9 @@ def worker_setup():
     cv2.setNumThreads(1)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
+        # The parent died before prctl took effect, and we were reparented to init or a subreaper.
+        parent = multiprocessing.parent_process()
+        if os.getppid() == 1 or (parent is not None and os.getppid() != parent.pid):
             os._exit(1)
 
 

@@ -7,6 +7,7 @@ scan order: sorted class folders, then sorted file names) and OUT/classes.json (
 names in label order, as torchvision's ImageFolder). OUT defaults to DATASET/ffcv/. With no
 DATASET, the built-in sample dataset is built and used.
 """
+import multiprocessing.util
 import sys
 import time
 from functools import partial
@@ -32,14 +33,20 @@ class _Images:
     def __init__(self, split, max_res_px: int, bad_log: Path):
         self.split, self.max_res_px, self.bad_log = split, max_res_px, bad_log
         self._set_up = False
+        # Set each writer process up as soon as it is forked, not at its first image: a process
+        # still waiting for its first chunk when the converter is SIGKILLed would wait forever.
+        multiprocessing.util.register_after_fork(self, _Images._worker_setup)
+
+    def _worker_setup(self):
+        if not self._set_up:
+            worker_setup()
+            self._set_up = True
 
     def __len__(self):
         return len(self.split)
 
     def __getitem__(self, i):
-        if not self._set_up:
-            worker_setup()
-            self._set_up = True
+        self._worker_setup()  # already done where the writer forks; this covers other start methods
         # 'proportion' mode draws np.random.rand() per image inside FFCV: seeding with the index
         # makes which images are stored as JPEG depend on the image, not on worker timing.
         np.random.seed(i)
