@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Pack this machine's FFCV for a machine that cannot install it (the lent H200: no package index,
+# no Debian libturbojpeg or libopencv), into DEST (default .h200, which git ignores here):
+#
+#     bash bench/carry_ffcv.sh [DEST]       # then: device run with carry [".h200"], bench/accelerator.sh
+#
+# DEST/site: the ffcv package and its pure-Python needs (assertpy, fastargs, terminaltables,
+# pytorch_pfn_extras). FFCV loads _libffcv through ctypes and calls no Python API beyond
+# PyModule_Create2, so the extension is renamed to the suffix every CPython imports (.so) and runs
+# under another Python version. DEST/lib: the shared libraries _libffcv links, from this machine,
+# except the C and C++ runtimes, which the other machine's own (newer) ones must provide.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST=${1:-.h200}
+PYTHON=${PYTHON:-.venv/bin/python}
+site=$($PYTHON -c "import ffcv, os; print(os.path.dirname(os.path.dirname(ffcv.__file__)))")
+rm -rf "$DEST/site" "$DEST/lib"
+mkdir -p "$DEST/site" "$DEST/lib"
+for package in ffcv assertpy fastargs terminaltables pytorch_pfn_extras; do
+  cp -r "$site/$package" "$DEST/site/"
+done
+find "$DEST/site" -name __pycache__ -prune -exec rm -rf {} +
+rm -rf "$DEST/site/ffcv/benchmarks"
+extension=$(ls "$DEST"/site/ffcv/_libffcv.*so)
+mv "$extension" "$DEST/site/ffcv/_libffcv.so"
+ldd "$DEST/site/ffcv/_libffcv.so" | awk '/=> \// {print $3}' | while read -r lib; do
+  case $(basename "$lib") in
+    libc.so.*|libm.so.*|libstdc++.so.*|libgcc_s.so.*) ;;
+    *) cp -L "$lib" "$DEST/lib/" ;;
+  esac
+done
+if [ "$DEST" = .h200 ] && ! grep -qsx "/.h200/" .git/info/exclude; then
+  mkdir -p .git/info && echo "/.h200/" >>.git/info/exclude
+fi
+echo "carry_ffcv: $(du -sh "$DEST" | cut -f1) in $DEST ($(ls "$DEST/lib" | wc -l) libraries)"
