@@ -175,7 +175,8 @@ class LoaderRow:
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = torch.device(resolve_kind(args.device))
-    if device.type != "cpu":
+    if device.type != "cpu":  # an explicit index: set_device refuses a bare "cuda" on some torch versions
+        device = torch.device(device.type, getattr(torch, device.type).current_device())
         getattr(torch, device.type).set_device(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
