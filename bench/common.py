@@ -93,11 +93,12 @@ def code_version() -> dict:
 
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
+    # Not stripped: porcelain's first column is a space for a file modified in the tree only.
     modified = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD") or None, "modified": modified}
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None, "modified": modified}
 
 
 def versions(*modules: str) -> dict:

@@ -113,3 +113,27 @@ def test_augment_cost_compares_the_policy_and_every_op_and_plots_them(tmp_path):
     for op, r in result["cpu_per_op"].items():
         assert r["ours_ms_per_image"] > 0 and r["torchvision_ms_per_image"] > 0, op
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_code_version_names_each_modified_file_whole(tmp_path, monkeypatch):
+    """Results record the commit and the tracked files that differed from it; a file modified in
+    the tree only is listed as ' M name' by git, first in the list here, and must keep its name."""
+    from bench import common
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    for name in ("README.md", "train.py", "untouched.py"):
+        (tmp_path / name).write_text("v1\n")
+    git("add", ".")
+    git("commit", "-qm", "v1")
+    (tmp_path / "README.md").write_text("v2\n")  # modified in the tree only
+    (tmp_path / "train.py").write_text("v2\n")
+    git("add", "train.py")  # modified and staged
+    (tmp_path / "new.py").write_text("untracked: not code that was measured\n")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    version = common.code_version()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True)
+    assert version == {"commit": head.stdout.strip(), "modified": ["README.md", "train.py"]}
