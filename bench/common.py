@@ -3,7 +3,6 @@ median/min/max of repeated runs, and the table / JSON / PNG output.
 
 Not a script: `python bench/loader_fps.py` and `python bench/train_fps.py` use it.
 """
-import json
 import os
 import platform
 import statistics
@@ -18,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `import loaders`, `convert`, ... when run as a script from anywhere
 
 from convert.scan import PeakRSS  # noqa: E402,F401  (the converters' process-tree memory sampler)
+from engine.metrics import write_json_atomic  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -124,11 +124,10 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def write_json(obj, path) -> Path:
+    """Atomically, as the trainer writes its JSON, into a folder made if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(obj, path)
     return path
 
 

@@ -275,11 +275,11 @@ class ShardJPEGs:
     def __init__(self, shards_dir: Path, split: str, transform):
         import numpy as np
         self.transform, self.items = transform, []
-        for tar, members in shard_index(shards_dir, split):
+        for tar, rows in shard_samples(shards_dir, split):
             with open(tar, "rb") as f:
-                for m in members:
-                    f.seek(m["cls"][0])
-                    self.items.append((tar, *m["jpg"], int(f.read(m["cls"][1]))))
+                for jpg_offset, jpg_size, cls_offset, cls_size in rows:
+                    f.seek(cls_offset)
+                    self.items.append((tar, jpg_offset, jpg_size, int(f.read(cls_size))))
         self.labels = np.array([item[-1] for item in self.items])
 
     def __len__(self):
@@ -343,28 +343,24 @@ def beton_blobs(path: Path) -> list:
     return out
 
 
-def shard_index(shards_dir: Path, split: str) -> list:
-    """[(tar path, [{ext: (offset, size)} per sample])] from the DALI index files ("v1.2 N", then
-    per sample `ext offset size name` for each member)."""
-    out = []
-    for idx in sorted(shards_dir.glob(f"{split}-*.idx")):
-        members = []
-        for line in idx.read_text().splitlines()[1:]:
-            f = line.split()
-            members.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
-        out.append((str(idx.with_suffix(".tar")), members))
-    return out
+def shard_samples(shards_dir: Path, split: str) -> list:
+    """[(tar path, rows of its samples: jpg offset, jpg size, cls offset, cls size)], read from the
+    DALI index files the way the loaders read them (loaders.shards)."""
+    from loaders.shards import Shards
+    shards = Shards(shards_dir, sorted(shards_dir.glob(f"{split}-*.tar")), classes=[])
+    rows = shards.samples()
+    return [(str(tar), rows[rows[:, 0] == t, 1:].tolist()) for t, tar in enumerate(shards.tars)]
 
 
 def shard_blobs(shards_dir: Path, split: str) -> list:
     """The .jpg members of the shards, as the readers find them."""
     import numpy as np
     out = []
-    for tar, members in shard_index(shards_dir, split):
+    for tar, rows in shard_samples(shards_dir, split):
         with open(tar, "rb") as f:
-            for m in members:
-                f.seek(m["jpg"][0])
-                out.append((np.frombuffer(f.read(m["jpg"][1]), np.uint8).copy(), None))
+            for jpg_offset, jpg_size, _, _ in rows:
+                f.seek(jpg_offset)
+                out.append((np.frombuffer(f.read(jpg_size), np.uint8).copy(), None))
     return out
 
 
