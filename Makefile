@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test setup clean
 
 # The stamp depends on requirements.txt: a second run skips the install entirely.
-$(STAMP): requirements.txt scripts/setup_system.sh
+$(STAMP): requirements.txt pyproject.toml scripts/setup_system.sh
 	bash scripts/setup_system.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -c "import torch, torchvision, ffcv, nvidia.dali, numpy, yaml" 
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	cd / && $(abspath $(PY)) -c "import torch, torchvision, ffcv, nvidia.dali, numpy, yaml, core, loaders, engine"
 	touch $@
 
 setup: $(STAMP)
@@ -24,4 +25,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) data/sample
+	rm -rf $(VENV) data/sample *.egg-info

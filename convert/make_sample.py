@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.errors import DatasetError, run_command
+
 JPEG_QUALITY = 90
 SHORT_SIDE_PX = (200, 500)
 ASPECT = (0.75, 1.5)  # width / height, as ImageNet's mix of portrait and landscape
@@ -130,7 +132,7 @@ def make_sample(out, num_classes: int = 10, train_per_class: int = 40, val_per_c
     if stamp.exists() and json.loads(stamp.read_text()).get("settings") == settings:
         return out
     if num_classes < 2 or train_per_class < 1 or val_per_class < 1:
-        raise SystemExit("make_sample: need --classes >= 2 and at least 1 image per class and split")
+        raise DatasetError("make_sample: need --classes >= 2 and at least 1 image per class and split")
     names, jobs = plan(out, num_classes, train_per_class, val_per_class, seed, oddities)
     for split in ("train", "val"):
         for wnid in names:
@@ -156,13 +158,23 @@ def default_sample_dir() -> Path:
     return Path(os.environ.get("MNV3_SAMPLE_DIR", Path(__file__).resolve().parent.parent / "data" / "sample"))
 
 
-def ensure_sample(data=None, who: str = "") -> Path:
-    """`data` if given; else build (once) and return the built-in sample dataset, saying so."""
+def ensure_sample(data=None, who: str = "", loaders=()) -> Path:
+    """`data` if given; else the built-in sample dataset, built once (saying so) and converted once
+    for each of `loaders` that reads converted files (ffcv: .beton files; dali: record shards)."""
     if data:
         return Path(data)
     path = default_sample_dir()
     print(f"{who or 'note'}: no dataset given: using the built-in sample dataset at {path}", file=sys.stderr)
-    return make_sample(path)
+    make_sample(path)
+    if "ffcv" in loaders and not (path / "ffcv" / "val.beton").exists():
+        from convert.to_ffcv import convert as to_ffcv
+        print(f"{who}: converting the sample dataset for FFCV into {path / 'ffcv'}", file=sys.stderr)
+        to_ffcv(path, progress=False)
+    if "dali" in loaders and not list((path / "shards").glob("val-*.idx")):
+        from convert.to_shards import convert as to_shards
+        print(f"{who}: writing record shards of the sample dataset into {path / 'shards'}", file=sys.stderr)
+        to_shards(path, progress=False)
+    return path
 
 
 def main(argv=None):
@@ -180,4 +192,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

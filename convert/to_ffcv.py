@@ -8,19 +8,19 @@ names in label order, as torchvision's ImageFolder). OUT defaults to DATASET/ffc
 DATASET, the built-in sample dataset is built and used.
 """
 import multiprocessing.util
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from convert.make_sample import ensure_sample  # noqa: E402
-from convert.scan import (JPEG_QUALITY, MAX_RES_PX, SPLITS, BadImage, DatasetError, PeakRSS,  # noqa: E402
-                          bad_files_error,
-                          check_options, common_parser, default_workers, load_image, partial_path,
-                          prepare_out, publish, scan, summarize, worker_setup)
+from convert.cli import check_options, common_parser, default_workers, summarize
+from convert.images import JPEG_QUALITY, MAX_RES_PX, BadImage, load_image, worker_setup
+from convert.make_sample import ensure_sample
+from convert.publish import bad_files_error, partial_path, prepare_out, publish
+from core.dataset import SPLITS, scan
+from core.errors import DatasetError, run_command
+from core.memory import PeakRSS
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 SMART_THRESHOLD_PX = 256 * 256  # 'smart': JPEG for images with more pixels than this, raw below
@@ -158,4 +158,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -13,7 +13,6 @@ order. OUT defaults to DATASET/shards/. With no DATASET, the built-in sample is 
 """
 import io
 import re
-import sys
 import tarfile
 import time
 from collections import deque
@@ -24,11 +23,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from convert.make_sample import ensure_sample  # noqa: E402
-from convert.scan import (JPEG_QUALITY, MAX_RES_PX, SPLITS, BadImage, DatasetError, PeakRSS,  # noqa: E402
-                          bad_files_error, check_options, common_parser, default_workers, load_image,
-                          partial_path, prepare_out, publish, scan, summarize, worker_setup)
+from convert.cli import check_options, common_parser, default_workers, summarize
+from convert.images import JPEG_QUALITY, MAX_RES_PX, BadImage, load_image, worker_setup
+from convert.make_sample import ensure_sample
+from convert.publish import bad_files_error, partial_path, prepare_out, publish
+from core.dataset import SPLITS, scan
+from core.errors import DatasetError, run_command
+from core.memory import PeakRSS
 
 TRAIN_ORDER_SEED = 0
 SHARD_SIZE = 1000  # images per shard: ~70 MB at the defaults, 1,282 shards for ImageNet's train split
@@ -167,4 +168,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

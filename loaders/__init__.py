@@ -4,7 +4,7 @@ The contract, the same for every loader (tested once for all in tests/test_loade
 
     loader = build_loader("ffcv" | "dali" | "torchvision", split="train" | "val", data=ROOT,
                           batch_size=PER_DEVICE, workers=N, image_size=PX, seed=S,
-                          device=torch.device(...), rank=R, world_size=W, **options)
+                          device=torch.device(...), rank=R, world_size=W, options={...})
     loader.set_epoch(e)               # reshuffles reproducibly from (seed, e)
     len(loader)                       # batches per epoch on this rank
     for images, labels in loader:     # images: uint8 N x 3 x H x W, channels_last, on `device`
@@ -22,28 +22,42 @@ The contract, the same for every loader (tested once for all in tests/test_loade
 - Attributes: `classes` (names in label order), `num_samples` (images this rank yields per epoch),
   `first_batch_s` (wall seconds to the first batch of the latest epoch: worker start, JIT).
 
-Adding a loader: one module with `build(spec: LoaderSpec)`, and a line in LOADERS below.
+Options: each loader declares its own (loaders/options.py); `options` is a dict of them, and a
+key the loader does not have is a LoaderError naming the ones it has.
+
+Adding a loader: one module with `build(spec: LoaderSpec)`, its options class, and a line in
+LOADERS below.
 """
 import importlib
 
-from loaders.common import LoaderSpec, normalize, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
+from core.errors import LoaderError
+from loaders.common import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, normalize  # noqa: F401
+from loaders.options import DALIOptions, FFCVOptions, TorchvisionOptions, make_options, options_from_flags
 
-# name -> (module, what to install when its library is missing)
+# name -> (module, its options, what to install when its library is missing)
 LOADERS = {
-    "ffcv": ("loaders.ffcv_loader", "pip install ffcv==1.0.2 (needs Debian's pkg-config libturbojpeg0-dev "
-                                    "libopencv-dev; `make setup` does both)"),
-    "dali": ("loaders.dali_loader", "pip install nvidia-dali-cuda120==2.4.0 (or `make setup`)"),
-    "torchvision": ("loaders.torchvision_loader", "pip install torchvision==0.29.1 (or `make setup`)"),
+    "ffcv": ("loaders.ffcv_loader", FFCVOptions,
+             "pip install ffcv==1.0.2 (needs Debian's pkg-config libturbojpeg0-dev libopencv-dev; "
+             "`make setup` does both)"),
+    "dali": ("loaders.dali_loader", DALIOptions, "pip install nvidia-dali-cuda120==2.4.0 (or `make setup`)"),
+    "torchvision": ("loaders.torchvision_loader", TorchvisionOptions,
+                    "pip install torchvision==0.29.1 (or `make setup`)"),
 }
 
 
-def build_loader(name: str, **kwargs):
+def build_loader(name: str, options: dict | None = None, **kwargs):
     """Build the loader `name` from the keyword arguments of LoaderSpec (see the contract above)."""
     if name not in LOADERS:
-        raise ValueError(f"--loader {name!r} is not one of {', '.join(LOADERS)}")
-    module_name, install = LOADERS[name]
+        raise LoaderError(f"--loader {name!r} is not one of {', '.join(LOADERS)}")
+    module_name, options_class, install = LOADERS[name]
+    spec = LoaderSpec(**kwargs, options=make_options(name, options_class, options or {}))
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise SystemExit(f"--loader {name}: {e.name or e} is not installed: {install}") from None
-    return module.build(LoaderSpec(**kwargs))
+        raise LoaderError(f"--loader {name}: {e.name or e} is not installed: {install}") from None
+    return module.build(spec)
+
+
+def loader_options(name: str, flags) -> dict:
+    """The options of loader `name` that the trainer's parsed flags set (e.g. --ffcv-order)."""
+    return options_from_flags(LOADERS[name][1], flags)

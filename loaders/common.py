@@ -1,6 +1,5 @@
-"""What every loader shares: the builder's arguments, the class map check, rank splitting,
-the host-to-device copy, and the on-device normalisation."""
-import json
+"""What every loader shares: the builder's arguments, where the converted files are, rank
+splitting, the host-to-device copy, and the on-device normalisation."""
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convert.scan import class_dirs
+from core.dataset import check_class_map, read_class_map  # noqa: F401  (loaders use them from here)
+from core.errors import LoaderError
+from core.shards import Shards, find_shards
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,15 +30,15 @@ class LoaderSpec:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rank: int = 0
     world_size: int = 1
-    options: dict = field(default_factory=dict)  # loader-specific, e.g. {"os_cache": True}
+    options: object = None  # the loader's own options (loaders/options.py), made by build_loader
 
     def __post_init__(self):
         self.data = Path(self.data)
         self.device = torch.device(self.device)
         if self.split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', not {self.split!r}")
+            raise LoaderError(f"split must be 'train' or 'val', not {self.split!r}")
         if self.batch_size < 1:
-            raise ValueError(f"batch size per device must be >= 1, got {self.batch_size}")
+            raise LoaderError(f"batch size per device must be >= 1, got {self.batch_size}")
 
     @property
     def train(self) -> bool:
@@ -51,23 +52,12 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return (images.to(dtype) - mean) * inv_std
 
 
-def read_class_map(path: Path) -> list[str]:
-    return json.loads(Path(path).read_text())
-
-
-def check_class_map(classes: list[str], split_dir: Path, source: Path) -> list[str]:
-    """Fail loudly when the class folders of `split_dir` disagree with the class map `source`."""
-    split_dir = Path(split_dir)
-    if split_dir.is_dir():
-        found = class_dirs(split_dir)
-        if found != classes:
-            missing = sorted(set(classes) - set(found))
-            extra = sorted(set(found) - set(classes))
-            detail = (f"only in {source}: {missing[:5]}; only in {split_dir}: {extra[:5]}"
-                      if missing or extra else "same names in a different order")
-            raise SystemExit(f"class map {source} disagrees with the class folders of {split_dir} "
-                             f"({detail}): labels would shift. Re-run the converter on {split_dir.parent}.")
-    return classes
+def use_shards(spec: LoaderSpec) -> Shards | None:
+    """The record shards to read (option source: "auto" = when present, "shards", "folder")."""
+    if spec.options.source == "folder":
+        return None
+    folder = spec.options.shards_dir or spec.data / "shards"
+    return find_shards(folder, spec.split, spec.data, required=spec.options.source == "shards")
 
 
 def epoch_indices(num_samples: int, spec: LoaderSpec, epoch: int) -> np.ndarray:

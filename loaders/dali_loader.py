@@ -24,9 +24,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from loaders.common import RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, num_batches, timed_epoch, to_device
-from loaders.dataset_index import split_index
-from loaders.shards import use_shards
+from core.dataset import split_index
+from core.errors import LoaderError
+from loaders.common import (RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, num_batches, timed_epoch,
+                            to_device, use_shards)
 
 MAX_LABEL_DIGITS = 8  # .cls holds the label as ASCII decimal
 
@@ -46,9 +47,9 @@ class DALILoader:
         self.spec = spec
         self.shards = use_shards(spec)
         self.use_shards = self.shards is not None
-        self.decode = spec.options.get("decode", "cpu")
+        self.decode = spec.options.decode
         if self.decode == "mixed" and not (spec.device.type == "cuda" and torch.cuda.is_available()):
-            raise SystemExit("--dali-decode mixed needs a CUDA device: use --dali-decode cpu")
+            raise LoaderError("--dali-decode mixed needs a CUDA device: use --dali-decode cpu")
         if self.use_shards:
             self.classes = self.shards.classes
             self.tars = [str(t) for t in self.shards.tars]
@@ -109,7 +110,7 @@ class DALILoader:
         device_id = (spec.device.index or 0) if self.decode == "mixed" else None
 
         @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, spec.workers), device_id=device_id,
-                      seed=self._seed(), prefetch_queue_depth=spec.options.get("prefetch", 2),
+                      seed=self._seed(), prefetch_queue_depth=spec.options.prefetch,
                       exec_dynamic=True)
         def pipe():
             jpegs, labels = self._reader(shard_id)

@@ -16,18 +16,19 @@ from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRG
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-from loaders.common import (RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, check_class_map,
-                            read_class_map, timed_epoch)
+from core.dataset import check_class_map, read_class_map
+from core.errors import LoaderError
+from loaders.common import RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, timed_epoch
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}
 
 
 def beton_path(spec: LoaderSpec) -> Path:
-    beton_dir = Path(spec.options.get("beton_dir") or spec.data / "ffcv")
+    beton_dir = Path(spec.options.beton_dir or spec.data / "ffcv")
     path = beton_dir / f"{spec.split}.beton"
     if not path.exists():
-        raise SystemExit(f"no {path.name} under {beton_dir}: run `python convert/to_ffcv.py {spec.data}`"
-                         + (f" --out {beton_dir}" if spec.options.get("beton_dir") else ""))
+        raise LoaderError(f"no {path.name} under {beton_dir}: run `python convert/to_ffcv.py {spec.data}`"
+                         + (f" --out {beton_dir}" if spec.options.beton_dir else ""))
     return path
 
 
@@ -37,7 +38,7 @@ class FFCVLoader:
         path = beton_path(spec)
         class_map = path.parent / "classes.json"
         if not class_map.exists():
-            raise SystemExit(f"no classes.json beside {path}: re-run `python convert/to_ffcv.py {spec.data}`")
+            raise LoaderError(f"no classes.json beside {path}: re-run `python convert/to_ffcv.py {spec.data}`")
         self.classes = check_class_map(read_class_map(class_map), spec.data / spec.split, class_map)
         size = (spec.image_size, spec.image_size)
         if spec.train:
@@ -50,16 +51,14 @@ class FFCVLoader:
         image_ops += [ToTensor(), *on_device, ToTorchImage(channels_last=True)]
         label_ops = [IntDecoder(), ToTensor(), Squeeze(), *on_device]
 
-        order = spec.options.get("order", "random")
-        if order not in ORDERS:
-            raise SystemExit(f"--ffcv-order {order!r}: choose one of {', '.join(ORDERS)}")
+        order = spec.options.order
         distributed = spec.world_size > 1
         if distributed and order == "quasi_random":
-            raise SystemExit("--ffcv-order quasi_random does not work in distributed mode: use random")
+            raise LoaderError("--ffcv-order quasi_random does not work in distributed mode: use random")
         # FFCV's numba threads cannot exceed the cores: --workers 16 on a smaller host means all cores.
         threads = min(max(1, spec.workers), os.cpu_count() or 1)
         common = dict(batch_size=spec.batch_size, num_workers=threads,
-                      os_cache=spec.options.get("os_cache", True),
+                      os_cache=spec.options.os_cache,
                       pipelines={"image": image_ops, "label": label_ops}, seed=spec.seed)
         if spec.train:
             # FFCV's distributed mode: DistributedSampler semantics, equal batch counts per rank.
@@ -93,6 +92,3 @@ class FFCVLoader:
 
 def build(spec: LoaderSpec) -> FFCVLoader:
     return FFCVLoader(spec)
-
-
-

@@ -12,10 +12,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
+from core.dataset import split_index
 from loaders.common import (RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, epoch_indices,
-                            num_batches, pin_if_useful, timed_epoch, to_device)
-from loaders.dataset_index import split_index
-from loaders.shards import use_shards
+                            num_batches, pin_if_useful, timed_epoch, to_device, use_shards)
 
 
 class _RandomResizedCropFlip:

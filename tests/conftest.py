@@ -1,13 +1,10 @@
-"""Fixtures shared by every test file. Run the tests with `python -m pytest -q tests`."""
-import sys
+"""Fixtures shared by every test file. Run the tests with `python -m pytest -q tests` (the project
+installed, as `make test` does: `pip install -e .`)."""
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `import convert...` without installing the project
-
-from convert.make_sample import make_sample  # noqa: E402
+from convert.make_sample import make_sample
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ F.adjust_brightness(1 + m), F.posterize(int(m)), F.solarize(255 * m), ...). It i
 using it means the test checks torchvision's own mapping rather than our reading of it.
 """
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,14 +15,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from augment import DeviceAugment, OPS, derive_seed, sample_plan, soft_target_cross_entropy  # noqa: E402
-from augment import autoaugment, ops  # noqa: E402
-from augment.autoaugment import apply_op  # noqa: E402
-from augment.erase import erase, sample_erase_boxes  # noqa: E402
-from augment.mix import sample_mix  # noqa: E402
-from augment.policies import IMAGENET_POLICY, OP_INDEX, SIGNED, magnitude_table  # noqa: E402
+from augment import DeviceAugment, OPS, derive_seed, sample_plan, soft_target_cross_entropy
+from augment import autoaugment, ops
+from augment.autoaugment import apply_op
+from augment.erase import erase, sample_erase_boxes
+from augment.mix import sample_mix
+from augment.policies import IMAGENET_POLICY, OP_INDEX, SIGNED, magnitude_table
 
 _TV = v2.AutoAugment()
 

@@ -19,8 +19,10 @@ import psutil
 import pytest
 from PIL import Image, ImageFile
 
-from convert import scan as S
+from convert import images
 from convert import to_ffcv, to_shards
+from core.dataset import scan
+from core.errors import DatasetError
 from convert.make_sample import class_names, make_sample, render
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +43,7 @@ def mad(a, b) -> float:
 def reference(path, max_res=MAX_RES):
     """The source image decoded as ImageFolder does (PIL .convert('RGB')) and shrunk like the converters."""
     with Image.open(path) as im:
-        return S.resize_max(np.asarray(im.convert("RGB")), max_res)
+        return images.resize_max(np.asarray(im.convert("RGB")), max_res)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def bad_data(messy, tmp_path_factory):
 
 def test_scan_matches_imagefolder_and_counts_non_images(messy):
     from torchvision.datasets import ImageFolder
-    dataset = S.scan(messy)
+    dataset = scan(messy)
     for name in ("train", "val"):
         ref = ImageFolder(messy / name)
         split = dataset.splits[name]
@@ -84,7 +86,7 @@ def test_scan_matches_imagefolder_and_counts_non_images(messy):
         assert split.labels.tolist() == [label for _, label in ref.samples]
     assert len(dataset.splits["train"]) == 3 * 4 + 3 and len(dataset.splits["val"]) == 3 * 2
     assert dataset.ignored == Counter({".txt": 2, ".DS_Store": 1})
-    limited = S.scan(messy, limit=5).splits["train"]
+    limited = scan(messy, limit=5).splits["train"]
     assert limited.files.tolist() == dataset.splits["train"].files[:5].tolist()
 
 
@@ -109,7 +111,7 @@ def test_layout_errors_are_one_line_and_say_what_to_do(tmp_path, tree, expected)
     if tree is not None:
         root.mkdir()
         _layout(root, tree)
-    with pytest.raises(S.DatasetError) as e:
+    with pytest.raises(DatasetError) as e:
         to_ffcv.convert(root, progress=False)
     message = str(e.value)
     assert expected in message and "\n" not in message
@@ -139,11 +141,11 @@ def test_help_explains_every_option(tool):
 
 
 def test_bad_option_values_name_the_flag(tiny_sample):
-    with pytest.raises(S.DatasetError, match="--jpeg-quality"):
+    with pytest.raises(DatasetError, match="--jpeg-quality"):
         to_shards.convert(tiny_sample, jpeg_quality=0)
-    with pytest.raises(S.DatasetError, match="--write-mode"):
+    with pytest.raises(DatasetError, match="--write-mode"):
         to_ffcv.convert(tiny_sample, write_mode="png")
-    with pytest.raises(S.DatasetError, match="--shard-size"):
+    with pytest.raises(DatasetError, match="--shard-size"):
         to_shards.convert(tiny_sample, shard_size=0)
 
 
@@ -152,7 +154,7 @@ def test_unwritable_default_output_says_pass_out(tiny_sample, tmp_path, tool):
     root = tmp_path / "data"
     shutil.copytree(tiny_sample, root)
     (root / ("ffcv" if tool == "to_ffcv" else "shards")).write_text("a file where the output folder goes")
-    with pytest.raises(S.DatasetError, match="pass --out"):
+    with pytest.raises(DatasetError, match="pass --out"):
         TOOLS[tool].convert(root, progress=False)
 
 
@@ -161,7 +163,7 @@ def test_unwritable_default_output_says_pass_out(tiny_sample, tmp_path, tool):
 @pytest.mark.parametrize("kind, idx", [("gray", 0), ("cmyk", 1), ("png", 2)])
 def test_oddities_decode_to_the_right_rgb(messy, kind, idx):
     cls = class_names(3)[idx]
-    img = S.load_rgb(messy / "train" / cls / f"{cls}_odd_{kind}.JPEG")
+    img = images.load_rgb(messy / "train" / cls / f"{cls}_odd_{kind}.JPEG")
     truth = render(0, idx, 3, "train", 10_000 + idx)  # the pixels make_sample saved
     if kind == "gray":
         truth = np.asarray(Image.fromarray(truth).convert("L").convert("RGB"))
@@ -186,18 +188,18 @@ def test_truncated_empty_and_garbage_files_are_bad(messy, tmp_path, monkeypatch)
     with Image.open(tmp_path / "half.JPEG") as im:
         im.load()  # the "recovery" the converters refuse: a grey-padded image, no error
     for name in cases:
-        with pytest.raises(S.BadImage):
-            S.load_rgb(tmp_path / name)
+        with pytest.raises(images.BadImage):
+            images.load_rgb(tmp_path / name)
 
 
 def test_resize_max_matches_ffcv_and_never_enlarges():
     from ffcv.fields.rgb_image import resizer
     img = np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8)
-    small = S.resize_max(img, 96)
+    small = images.resize_max(img, 96)
     assert small.shape == (63, 96, 3)
     assert np.array_equal(small, resizer(img, 96))  # the same pixels FFCV's RGBImageField would store
-    assert S.resize_max(img, 1000) is img
-    assert S.resize_max(np.zeros((4000, 3, 3), np.uint8), 96).shape == (96, 1, 3)  # no zero-width image
+    assert images.resize_max(img, 1000) is img
+    assert images.resize_max(np.zeros((4000, 3, 3), np.uint8), 96).shape == (96, 1, 3)  # no zero-width image
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -210,7 +212,7 @@ def test_ffcv_loader_reads_back_every_image_and_label(messy, tmp_path):
     assert summary["images"] == {"train": 15, "val": 6} and summary["skipped"] == {"train": 0, "val": 0}
     assert summary["ignored"] == {".txt": 2, ".DS_Store": 1}
     assert sorted(os.listdir(out)) == ["classes.json", "train.beton", "val.beton"]
-    dataset = S.scan(messy)
+    dataset = scan(messy)
     assert (out / "classes.json").read_text().strip() == '["n01440764", "n01450737", "n01460710"]'
 
     side = 48
@@ -278,7 +280,7 @@ def test_dali_reads_every_shard_sample(messy, tmp_path):
     shards = {s: [f"{s}-{i:06d}" for i in range(n)] for s, n in (("train", 4), ("val", 2))}  # 15 = 4+4+4+3
     assert sorted(os.listdir(out)) == sorted(["classes.json"] + [f"{b}.{e}" for bs in shards.values()
                                                                  for b in bs for e in ("tar", "idx")])
-    dataset = S.scan(messy)
+    dataset = scan(messy)
     for name, bases in shards.items():
         for base in bases:  # our index is byte for byte what DALI's own wds2idx tool writes
             with IndexCreator(str(out / f"{base}.tar"), str(tmp_path / "ref.idx"), verbose=False) as ic:
@@ -322,7 +324,7 @@ def test_bad_files_stop_the_run_before_anything_is_published(bad_data, tmp_path,
     out = tmp_path / "out"
     out.mkdir()
     (out / "classes.json").write_text("from an earlier run")
-    with pytest.raises(S.DatasetError) as e:
+    with pytest.raises(DatasetError) as e:
         TOOLS[tool].convert(root, out, max_res_px=MAX_RES, progress=False)
     message = str(e.value)
     assert all(rel in message for rel in bad) and "--skip-bad" in message  # every bad file, not just the first
@@ -336,13 +338,13 @@ def test_skip_bad_leaves_them_out_and_lists_them(bad_data, messy, tmp_path, tool
     summary = TOOLS[tool].convert(root, out, max_res_px=MAX_RES, skip_bad=True, progress=False)
     assert summary["skipped"] == {"train": 2, "val": 1} and summary["images"] == {"train": 15, "val": 6}
     assert sorted(line.split("\t")[0] for line in (out / "skipped.txt").read_text().splitlines()) == bad
-    full = S.scan(root)  # written: these files in the tool's order, minus the bad ones
+    full = scan(root)  # written: these files in the tool's order, minus the bad ones
     order = {s: to_shards.shard_order(s, len(full.splits[s])) if tool == "to_shards" else range(len(full.splits[s]))
              for s in ("train", "val")}
     expected = {s: [int(full.splits[s].labels[i]) for i in order[s] if full.splits[s].rel(i) not in bad]
                 for s in ("train", "val")}
     assert _read_back(tool, out) == expected
-    good = S.scan(messy)  # the same files minus the bad ones
+    good = scan(messy)  # the same files minus the bad ones
     assert sorted(expected["train"]) == sorted(good.splits["train"].labels.tolist())
     assert not [p for p in os.listdir(out) if p.endswith(".partial")]
     TOOLS[tool].convert(messy, out, max_res_px=MAX_RES, progress=False)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from convert.make_sample import make_sample
+from core.errors import UserError
 from loaders import LOADERS, build_loader
 from loaders.common import RRC_RATIO, RRC_SCALE
 
@@ -244,16 +245,16 @@ def test_a_class_map_that_disagrees_with_the_folders_is_an_error(dataset, tmp_pa
     first = sorted((root / "val").iterdir())[0]
     for split in ("train", "val"):
         (root / split / first.name).rename(root / split / "zzz_renamed")
-    with pytest.raises(SystemExit, match="disagrees"):
+    with pytest.raises(UserError, match="disagrees"):
         _build(name, root, "val")
 
 
 def test_missing_converted_files_name_the_converter_command(tmp_path):
     root = make_sample(tmp_path / "raw", num_classes=2, train_per_class=2, val_per_class=1, quiet=True)
-    with pytest.raises(SystemExit, match=r"python convert/to_ffcv.py"):
+    with pytest.raises(UserError, match=r"python convert/to_ffcv.py"):
         _build("ffcv", root, "val")
     for name in ("dali", "torchvision"):
-        with pytest.raises(SystemExit, match=r"python convert/to_shards.py"):
+        with pytest.raises(UserError, match=r"python convert/to_shards.py"):
             _build(name, root, "val", source="shards")
     # DALI and torchvision fall back to the ImageFolder when no shards exist, with the same labels.
     for name in ("dali", "torchvision"):

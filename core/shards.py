@@ -1,11 +1,16 @@
 """The converter's record shards (convert/to_shards.py): where they are, and their DALI index files
-read as a list of samples, so any loader can seek straight to a sample's bytes."""
+read as a table of samples, so any reader can seek straight to a sample's bytes.
+
+Index format v1.2, as DALI's wds2idx writes it: a line `v1.2 <samples>`, then per sample
+`<ext> <data offset> <size> <member name>` for each of its files, in tar order.
+"""
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from loaders.common import LoaderSpec, check_class_map, read_class_map
+from core.dataset import check_class_map, read_class_map
+from core.errors import DatasetError
 
 
 @dataclass
@@ -37,28 +42,21 @@ class Shards:
         return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
-def find_shards(spec: LoaderSpec, required: bool) -> Shards | None:
-    """The shards of spec.split (option shards_dir, default DATA/shards), checked against the folders."""
-    folder = Path(spec.options.get("shards_dir") or spec.data / "shards")
-    tars = sorted(folder.glob(f"{spec.split}-*.tar"))
+def find_shards(folder: Path, split: str, data: Path, required: bool = True) -> Shards | None:
+    """The shards of `split` in `folder`, their class map checked against data/split's folders.
+
+    None when there are none and they are not `required`; the messages name the converter's command."""
+    folder, data = Path(folder), Path(data)
+    tars = sorted(folder.glob(f"{split}-*.tar"))
     if not tars:
         if required:
-            raise SystemExit(f"no {spec.split}-*.tar shards under {folder}: "
-                             f"run `python convert/to_shards.py {spec.data}`")
+            raise DatasetError(f"no {split}-*.tar shards under {folder}: run `python convert/to_shards.py {data}`")
         return None
     missing = [t.with_suffix(".idx") for t in tars if not t.with_suffix(".idx").exists()]
     if missing:
-        raise SystemExit(f"missing DALI index {missing[0]}: re-run `python convert/to_shards.py {spec.data}`")
+        raise DatasetError(f"missing DALI index {missing[0]}: re-run `python convert/to_shards.py {data}`")
     class_map = folder / "classes.json"
     if not class_map.exists():
-        raise SystemExit(f"no classes.json beside the shards in {folder}: re-run `python convert/to_shards.py {spec.data}`")
-    classes = check_class_map(read_class_map(class_map), spec.data / spec.split, class_map)
+        raise DatasetError(f"no classes.json beside the shards in {folder}: re-run `python convert/to_shards.py {data}`")
+    classes = check_class_map(read_class_map(class_map), data / split, class_map)
     return Shards(folder, tars, classes)
-
-
-def use_shards(spec: LoaderSpec) -> Shards | None:
-    """Option source: "auto" (shards when present, else the folder), "shards" or "folder"."""
-    source = spec.options.get("source", "auto")
-    if source not in ("auto", "shards", "folder"):
-        raise SystemExit(f"source {source!r}: choose auto, shards or folder")
-    return None if source == "folder" else find_shards(spec, required=source == "shards")
