@@ -7,69 +7,61 @@
 Writes to --output-dir: checkpoint.pth (every epoch, atomic), model_best.pth, metrics.jsonl (one
 line per epoch), summary.json, history.png and config.json; ends with `Acc@1 X  Acc@5 Y  FPS Z`.
 """
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert.make_sample import default_sample_dir, ensure_sample
+from core.errors import CheckpointError, ConfigError, DatasetError, TrainingDiverged, run_command
+from engine import checkpoint as ckpt
+from engine import distributed
+from engine.config import optimizer_config, parse_config, schedule_config, to_dict
+from engine.loop import EpochPlan, evaluate, train_one_epoch
+from engine.metrics import append_jsonl, hardware, plot_history, read_jsonl, write_json_atomic
+from engine.optim import build_optimizer
+from engine.precision import Precision
+from engine.step import DeviceInput, TrainStep
+from loaders import build_loader, loader_options
+from model import create_model, load_pretrained
 
-from engine import checkpoint as ckpt  # noqa: E402
-from engine import distributed  # noqa: E402
-from engine.config import parse_config, to_dict  # noqa: E402
-from engine.loop import EpochPlan, NonFiniteLoss, Precision, evaluate, train_one_epoch  # noqa: E402
-from engine.metrics import (append_jsonl, hardware, plot_history, read_jsonl,  # noqa: E402
-                            write_json_atomic)
-from engine.optim import build_optimizer, lr_at  # noqa: E402
-from loaders import build_loader  # noqa: E402
-from model import create_model, load_pretrained  # noqa: E402
 
-
-def prepare_data(args, runtime, log) -> Path:
-    """The dataset folder; with no --data, the built-in sample, converted for the chosen loader."""
-    from convert.make_sample import default_sample_dir, ensure_sample
+def prepare_data(args, runtime) -> Path:
+    """The dataset folder; with no --data, the built-in sample, converted (by rank 0) for the loader."""
     if args.data:
         data = Path(args.data)
         if not (data / "train").is_dir() and not (data / "ffcv").is_dir() and not (data / "shards").is_dir():
-            raise SystemExit(f"--data {data}: no train/ folder there (expected ImageNet layout "
-                             f"{data}/train/<class>/<image> and {data}/val/...)")
+            raise DatasetError(f"--data {data}: no train/ folder there (expected ImageNet layout "
+                               f"{data}/train/<class>/<image> and {data}/val/...)")
         return data
     if runtime.is_main:
-        data = ensure_sample(None, who="train.py")
-        if args.loader == "ffcv" and not (data / "ffcv" / "val.beton").exists():
-            from convert.to_ffcv import convert as to_ffcv
-            log(f"train.py: converting the sample dataset for FFCV into {data / 'ffcv'}")
-            to_ffcv(data)
-        if args.loader == "dali" and not list((data / "shards").glob("val-*.idx")):
-            from convert.to_shards import convert as to_shards
-            log(f"train.py: writing record shards of the sample dataset into {data / 'shards'}")
-            to_shards(data)
+        ensure_sample(None, who="train.py", loaders=(args.loader,))
     if runtime.distributed:
         dist.barrier()
     return default_sample_dir()
 
 
-def make_precision(args, device: torch.device) -> Precision:
-    enabled = args.apex and args.apex_opt_level != "O0"
-    # auto: float16 on accelerators (the reference's apex O1/O2); the CPU's fast path is bfloat16.
-    if args.amp_dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    else:
-        dtype = getattr(torch, args.amp_dtype)
-    return Precision(enabled, dtype)
-
-
 def build_loaders(args, data: Path, runtime, per_device: int):
     common = dict(data=data, workers=args.workers, image_size=args.image_size, seed=args.seed,
                   device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
-                  options={"os_cache": args.os_cache, "order": args.ffcv_order, "decode": args.dali_decode})
-    val = build_loader(args.loader, split="val", batch_size=per_device, **common)
-    train = None if args.evaluate else build_loader(args.loader, split="train", batch_size=per_device, **common)
+                  options=loader_options(args.loader, args), batch_size=per_device)
+    val = build_loader(args.loader, split="val", **common)
+    train = None if args.evaluate else build_loader(args.loader, split="train", **common)
     return train, val
+
+
+def build_model(args, num_classes: int, device: torch.device, log):
+    model = create_model(args.arch, num_classes=num_classes, dropout=args.dropout)
+    if args.pretrained:
+        log(load_pretrained(model, args.pretrained, num_classes=num_classes))
+    if args.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = args.bn_momentum
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=memory_format)
 
 
 def build_augment(args, num_classes: int):
@@ -100,20 +92,14 @@ class StopFlag:
 
 def main(argv=None):
     args = parse_config(argv)
-    runtime = distributed.setup(args.device, args.device_id)
+    runtime = distributed.setup(args.device, args.device_id, deterministic=args.deterministic)
     log = (lambda msg: print(msg, flush=True)) if runtime.is_main else (lambda msg: None)
     if args.batch_size % runtime.world_size:
-        raise SystemExit(f"--batch_size {args.batch_size} is the global batch and must divide by the "
-                         f"{runtime.world_size} processes: use e.g. {args.batch_size // runtime.world_size * runtime.world_size}")
+        raise ConfigError(f"--batch_size {args.batch_size} is the global batch and must divide by the "
+                          f"{runtime.world_size} processes: use e.g. {args.batch_size // runtime.world_size * runtime.world_size}")
     per_device = args.batch_size // runtime.world_size
     torch.manual_seed(args.seed)
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif runtime.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    data = prepare_data(args, runtime, log)
+    data = prepare_data(args, runtime)
     train_loader, val_loader = build_loaders(args, data, runtime, per_device)
     out_dir = Path(args.output_dir)  # written to only once the inputs are known to be good
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,32 +107,23 @@ def main(argv=None):
     if runtime.is_main:
         write_json_atomic(config, out_dir / "config.json")
     classes = val_loader.classes
-    device, precision = runtime.device, make_precision(args, runtime.device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = create_model(args.arch, num_classes=len(classes), dropout=args.dropout)
-    if args.pretrained:
-        log(load_pretrained(model, args.pretrained, num_classes=len(classes)))
-    if args.bn_momentum is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = args.bn_momentum
-    model.to(device, memory_format=memory_format)
+    device, precision = runtime.device, Precision.resolve(args.apex and args.apex_opt_level != "O0",
+                                                          args.amp_dtype, runtime.device)
+    model = build_model(args, len(classes), device, log)
     ema = None
     if args.model_ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay), use_buffers=True)
-    optimizer = build_optimizer(model, args)
-    scaler = torch.amp.GradScaler(device.type, init_scale=args.loss_scale,
-                                  enabled=precision.enabled and precision.dtype == torch.float16)
+    optimizer = build_optimizer(model, optimizer_config(args))
+    inputs = DeviceInput(build_augment(args, len(classes)), args.channels_last, runtime.rank)
 
-    start_epoch, skip, best_acc1 = 0, 0, 0.0
+    start_epoch, skip, best_acc1, state = 0, 0, 0.0, None
     resume = ckpt.resolve_resume(args.resume, out_dir)
     if resume:
         state = ckpt.load(resume)
         model.load_state_dict(state["model"])
         if not args.evaluate:
             optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
             if ema is not None and state.get("ema"):
                 ema.load_state_dict(state["ema"])
             start_epoch, skip = state["epoch"], state["next_batch"]
@@ -156,8 +133,8 @@ def main(argv=None):
 
     if args.evaluate:
         if not (resume or args.pretrained):
-            raise SystemExit("--evaluate needs weights: pass --resume CHECKPOINT or --pretrained FILE")
-        result = evaluate(model, val_loader, precision, runtime, args.channels_last)
+            raise CheckpointError("--evaluate needs weights: pass --resume CHECKPOINT or --pretrained FILE")
+        result = evaluate(model, val_loader, inputs, precision, runtime)
         log(f"Acc@1 {result['acc1']:.3f}  Acc@5 {result['acc5']:.3f}  ({result['val_images']} images)")
         if runtime.is_main:
             write_json_atomic({**result, "weights": str(resume or args.pretrained)}, out_dir / "eval.json")
@@ -170,21 +147,19 @@ def main(argv=None):
     if runtime.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type != "cpu" else None)
-    augment = build_augment(args, len(classes))
-    stop = StopFlag()
+    step = TrainStep(model, optimizer, precision, device, label_smoothing=args.label_smoothing, ema=ema,
+                     loss_scale=args.loss_scale)
+    if state is not None and not args.evaluate:
+        step.scaler.load_state_dict(state["scaler"])
     steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
     if steps_per_epoch < 1:
-        raise SystemExit(f"--batch_size {args.batch_size} is larger than the {train_loader.num_samples} "
-                         f"training images per process: lower it")
-
-    def lr_fn(step):
-        return lr_at(step, base_lr=args.learning_rate, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
-                     schedule=args.lr_scheduler, warmup_epochs=args.warmup_epochs,
-                     step_size=args.lr_step_size, gamma=args.lr_gamma)
-
+        raise ConfigError(f"--batch_size {args.batch_size} is larger than the {train_loader.num_samples} "
+                          f"training images per process: lower it")
+    schedule = schedule_config(args)
     log(f"training {args.arch} on {len(classes)} classes with --loader {args.loader}: {args.epochs} epochs x "
         f"{steps_per_epoch} steps, global batch {args.batch_size} on {runtime.world_size} x {device}, "
         f"{precision.name}, output {out_dir}")
+    stop = StopFlag()
     metrics_path = out_dir / "metrics.jsonl"
     timed_images, timed_s = 0, 0.0
     result = {}
@@ -192,20 +167,14 @@ def main(argv=None):
         epoch_start_s = time.perf_counter()
         train_loader.set_epoch(epoch)
         plan = EpochPlan(epoch=epoch + 1, first_step=epoch * steps_per_epoch, steps=steps_per_epoch,
-                         lr_at=lr_fn, skip=skip,
+                         lr_at=lambda s: schedule.lr_at(s, args.learning_rate, steps_per_epoch), skip=skip,
                          timing_warmup_steps=min(args.warmup_steps_timing, max(0, steps_per_epoch - skip - 1)),
-                         print_freq=args.print_freq, log=log, stop_requested=stop,
-                         label_smoothing=args.label_smoothing, channels_last=args.channels_last)
-        try:
-            stats = train_one_epoch(model, train_loader, optimizer, scaler, plan, precision, runtime,
-                                    augment=augment, ema=ema)
-        except NonFiniteLoss as e:
-            log(f"train.py: {e}")
-            raise SystemExit(3)
+                         print_freq=args.print_freq, log=log, stop_requested=stop)
+        stats = train_one_epoch(step, inputs, train_loader, plan, runtime)
         skip = 0
         if stats["first_batch_s"] is not None and epoch == start_epoch:
             log(f"first batch after {stats['first_batch_s']:.1f}s (loader start-up / JIT; not in img/s)")
-        state = dict(model=eval_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        state = dict(model=eval_model.state_dict(), optimizer=optimizer.state_dict(), scaler=step.scaler.state_dict(),
                      ema=ema.state_dict() if ema is not None else None, config=config, best_acc1=best_acc1)
         if stats["interrupted"]:
             if runtime.is_main:
@@ -216,14 +185,14 @@ def main(argv=None):
             distributed.cleanup()
             return None
         if not all(torch.isfinite(p).all() for p in eval_model.parameters()):
-            log("train.py: the weights are no longer finite: stopping; the last good checkpoint is untouched")
-            raise SystemExit(3)
-        val = evaluate(eval_model, val_loader, precision, runtime, args.channels_last)
+            raise TrainingDiverged("train.py: the weights are no longer finite: stopping; the last good "
+                                   "checkpoint is untouched")
+        val = evaluate(eval_model, val_loader, inputs, precision, runtime)
         record = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "imgs_per_s", "data_wait_frac",
                                                                  "skipped_steps", "nonfinite_steps", "steps")},
                   **val, "lr": optimizer.param_groups[0]["lr"], "epoch_wall_s": time.perf_counter() - epoch_start_s}
         if ema is not None:
-            record["ema_acc1"] = evaluate(ema.module, val_loader, precision, runtime, args.channels_last)["acc1"]
+            record["ema_acc1"] = evaluate(ema.module, val_loader, inputs, precision, runtime)["acc1"]
         timed_images += stats["timed_images"]
         timed_s += stats["timed_wall_s"] if stats["timed_images"] else 0.0
         is_best = val["acc1"] >= best_acc1
@@ -253,4 +222,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from core.errors import CheckpointError
+
 CHECKPOINT = "checkpoint.pth"
 BEST = "model_best.pth"
 
@@ -22,11 +24,11 @@ def save_atomic(obj: dict, path: Path):
 def load(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
-        raise SystemExit(f"--resume {path}: no such checkpoint")
+        raise CheckpointError(f"--resume {path}: no such checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which and why
-        raise SystemExit(f"--resume {path}: cannot load it as a checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"--resume {path}: cannot load it as a checkpoint ({type(e).__name__}: {e})") from None
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from loaders import LOADERS
+from core.errors import ConfigError
+from engine.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig, ScheduleConfig
+from loaders import LOADERS, DALIOptions, FFCVOptions
+
+OPT, SCHED = OptimizerConfig(), ScheduleConfig()  # the recipe's defaults live there
 
 
 def _twin(flag: str) -> list[str]:
@@ -35,18 +39,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--data", default=None, help="ImageNet-layout folder (train/, val/); default: the built-in sample dataset")
     add("--batch_size", "-b", type=int, default=128,
         help="GLOBAL batch size over all devices, as in the reference (1024 on 8 devices = 128 each)")
-    add("--learning-rate", "--lr", dest="learning_rate", type=float, default=0.008,
+    add("--learning-rate", "--lr", dest="learning_rate", type=float, default=OPT.lr,
         help="peak learning rate for the global batch")
     add("--print-freq", type=int, default=10, help="log every N steps")
-    add("--epochs", type=int, default=600, help="number of epochs")
+    add("--epochs", type=int, default=SCHED.epochs, help="number of epochs")
     add("--apex", action="store_true", help="mixed precision (torch.amp; NVIDIA apex is not needed)")
     add("--apex-opt-level", default="O1", choices=["O0", "O1", "O2"],
         help="with --apex: O0 = fp32, O1/O2 = autocast in --amp-dtype (fp16 adds a dynamic loss scaler)")
     add("--loss-scale", type=float, default=2.0 ** 16,
         help="float16: the dynamic loss scaler's initial scale (apex's loss_scale; halves on overflow)")
-    add("--lr-step-size", type=int, default=2, help="step schedule: decay every N epochs")
-    add("--lr-gamma", type=float, default=0.973, help="step schedule: decay factor")
-    add("--wd", "--weight-decay", dest="wd", type=float, default=1e-5,
+    add("--lr-step-size", type=int, default=SCHED.step_size, help="step schedule: decay every N epochs")
+    add("--lr-gamma", type=float, default=SCHED.gamma, help="step schedule: decay factor")
+    add("--wd", "--weight-decay", dest="wd", type=float, default=OPT.weight_decay,
         help="weight decay (not applied to norm layers and biases)")
     add("--device_id", type=int, default=None, help="device index for a single process (torchrun sets LOCAL_RANK)")
     add("--workers", "-j", type=int, default=4, help="loader workers / threads per process")
@@ -59,12 +63,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--evaluate", action="store_true", help="only evaluate (weights from --resume or --pretrained)")
     add("--pretrained", default=None,
         help="torchvision-format MobileNetV3 weights file (you download it; nothing is downloaded)")
-    add("--opt", default="rmsprop", choices=["rmsprop", "sgd"], help="optimizer")
-    add("--momentum", type=float, default=0.9, help="optimizer momentum")
-    add("--rmsprop-alpha", type=float, default=0.9, help="RMSprop smoothing constant (reference: 0.9)")
-    add("--rmsprop-eps", type=float, default=0.0316, help="RMSprop epsilon (reference: 0.0316)")
-    add("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up length, in epochs")
-    add("--lr-scheduler", default="step", choices=["step", "cosine"], help="LR schedule after warm-up")
+    add("--opt", default=OPT.name, choices=OPTIMIZERS, help="optimizer")
+    add("--momentum", type=float, default=OPT.momentum, help="optimizer momentum")
+    add("--rmsprop-alpha", type=float, default=OPT.rmsprop_alpha, help="RMSprop smoothing constant (reference: 0.9)")
+    add("--rmsprop-eps", type=float, default=OPT.rmsprop_eps, help="RMSprop epsilon (reference: 0.0316)")
+    add("--warmup-epochs", type=float, default=SCHED.warmup_epochs, help="linear LR warm-up length, in epochs")
+    add("--lr-scheduler", default=SCHED.name, choices=SCHEDULES, help="LR schedule after warm-up")
     add("--label-smoothing", type=float, default=0.0, help="label smoothing for the loss")
     add("--model-ema", action="store_true", help="keep and evaluate an exponential moving average of the weights")
     add("--model-ema-decay", type=float, default=0.9999, help="EMA decay per step")
@@ -89,10 +93,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--mixup-alpha", type=float, default=0.0, help="mixup alpha (0 = off)")
     add("--cutmix-alpha", type=float, default=0.0, help="cutmix alpha (0 = off)")
     # -- loader options -------------------------------------------------------------------
-    add("--ffcv-order", default="random", choices=["random", "quasi_random"], help="FFCV traversal order")
-    add("--os-cache", action=argparse.BooleanOptionalAction, default=True,
+    add("--ffcv-order", default=FFCVOptions.order, choices=["random", "quasi_random"], help="FFCV traversal order")
+    add("--os-cache", action=argparse.BooleanOptionalAction, default=FFCVOptions.os_cache,
         help="FFCV: let the OS page cache hold the .beton (best when it fits in RAM)")
-    add("--dali-decode", default="cpu", choices=["cpu", "mixed"], help="DALI: decode on the CPU or with nvJPEG")
+    add("--dali-decode", default=DALIOptions.decode, choices=["cpu", "mixed"], help="DALI: decode on the CPU or with nvJPEG")
     add("--warmup-steps-timing", type=int, default=5,
         help="steps at the start of each epoch left out of the img/s figure")
     return p
@@ -105,7 +109,7 @@ def _check_recipe(recipe: dict, path: str, parser: argparse.ArgumentParser) -> d
         dest = key.replace("-", "_")
         dest = {"lr": "learning_rate", "weight_decay": "wd"}.get(dest, dest)
         if dest not in known:
-            raise SystemExit(f"--config {path}: unknown key {key!r} (keys are the flags' names, e.g. batch_size)")
+            raise ConfigError(f"--config {path}: unknown key {key!r} (keys are the flags' names, e.g. batch_size)")
         out[dest] = value
     return out
 
@@ -116,17 +120,27 @@ def parse_config(argv=None) -> argparse.Namespace:
     if first.config:
         path = Path(first.config)
         if not path.exists():
-            raise SystemExit(f"--config {path}: no such file (recipes live in configs/)")
+            raise ConfigError(f"--config {path}: no such file (recipes live in configs/)")
         recipe = yaml.safe_load(path.read_text()) or {}
         if not isinstance(recipe, dict):
-            raise SystemExit(f"--config {path}: expected a mapping of flag names to values")
+            raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
         parser.set_defaults(**_check_recipe(recipe, str(path), parser))
     args = parser.parse_args(argv)
     if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
+        raise ConfigError(f"--batch_size {args.batch_size}: must be >= 1")
     return args
 
 
 def to_dict(args: argparse.Namespace) -> dict:
     """The resolved config as plain JSON types, saved with every checkpoint and log."""
     return json.loads(json.dumps(vars(args), default=str))
+
+
+def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(name=args.opt, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.wd,
+                           rmsprop_alpha=args.rmsprop_alpha, rmsprop_eps=args.rmsprop_eps)
+
+
+def schedule_config(args: argparse.Namespace) -> ScheduleConfig:
+    return ScheduleConfig(name=args.lr_scheduler, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                          step_size=args.lr_step_size, gamma=args.lr_gamma)

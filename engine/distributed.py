@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from core.errors import ConfigError
+
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
 
@@ -41,15 +43,19 @@ def resolve_kind(requested: str) -> str:
             return "cuda"
         return "npu" if _npu_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES / the driver), "
+        raise ConfigError("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES / the driver), "
                          "or use --device cpu")
     if requested == "npu" and not _npu_available():
-        raise SystemExit("--device npu: torch_npu is not installed or sees no NPU: install Ascend's torch_npu "
+        raise ConfigError("--device npu: torch_npu is not installed or sees no NPU: install Ascend's torch_npu "
                          "matching torch 2.14 (pip install torch-npu) and its CANN toolkit, or use --device cpu")
     return requested
 
 
-def setup(requested: str = "auto", device_id: int | None = None) -> Runtime:
+def setup(requested: str = "auto", device_id: int | None = None, deterministic: bool = False) -> Runtime:
+    """The device (always with an index on an accelerator) and, under torchrun, the process group.
+
+    deterministic: deterministic algorithms (bitwise repeatable on the CPU); otherwise cudnn picks
+    the fastest convolution algorithms for the shapes it sees."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -60,6 +66,12 @@ def setup(requested: str = "auto", device_id: int | None = None) -> Runtime:
         index = local_rank if world_size > 1 else (device_id or 0)
         device = torch.device(kind, index)
         getattr(torch, kind).set_device(device)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif kind == "cuda":
+        torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(BACKENDS[kind], device_id=device if kind != "cpu" else None)
     return Runtime(device, rank, world_size, local_rank)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import ConfigError
 from engine.config import parse_config
 from engine.optim import lr_at, param_groups
 from model import create_model
@@ -75,7 +76,7 @@ def test_a_recipe_sets_defaults_and_flags_override_it(tmp_path):
     args = parse_config(["--config", str(recipe), "--learning-rate", "0.1"])
     assert (args.batch_size, args.learning_rate, args.auto_augment) == (256, 0.1, "imagenet")
     recipe.write_text("batch_sise: 256\n")
-    with pytest.raises(SystemExit, match="unknown key 'batch_sise'"):
+    with pytest.raises(ConfigError, match="unknown key 'batch_sise'"):
         parse_config(["--config", str(recipe)])
 
 
