@@ -1,38 +1,34 @@
 #!/usr/bin/env bash
-# The accelerator measurements of issues 7 and 8 in one call, for a session lent a GPU:
+# The GPU measurements in one call, for a session lent an accelerator:
 #
 #     bash bench/carry_ffcv.sh             # here, once: FFCV and its libraries into .h200/ (ignored)
 #     bash bench/accelerator.sh            # there (device tool, carry [".h200"]); results in $OUT
 #
-# What runs, each stage under its own time limit so one failure costs only its own minutes, in
-# the order of what the issues need most:
+# Stages, each under its own time limit so one failure costs only its own minutes:
 #   1. a synthetic ImageNet-layout dataset (convert/make_sample.py, CLASSES x PER_CLASS train
 #      images, all cores), its shards, and its .beton when FFCV imports; then 3 batches read onto
 #      the device with each loader, which drops a loader that imports but cannot run there
 #   2. bench/train_fps.py: mobilenetv3_large_100, 224 px, bf16 autocast, channels_last, batch 256:
-#      model only, model + augment (the recipe's AutoAugment + erasing: issue 7's "share of step
-#      time"), and end to end with every loader that runs there
+#      model only, model + augment (the augmentation's share of a step), end to end per loader
 #   3. bench/augment_cost.py at batch 256, 224 px: the augmentation's GPU cost per image
 #   4. bench/train_fps.py again with --compile
 #   5. bench/loader_fps.py over all the machine's cores: the loaders alone, against the stock
 #      pipeline and the decode limit
 #
-# The lent H200 (device tool, KINDS.md) has Python 3.12 with torch, torchvision, numba, cv2 and no
-# package index. DALI's wheel (~790 MB installed) cannot travel (64 MiB per call). FFCV can: it
-# calls its _libffcv through ctypes, so bench/carry_ffcv.sh copies the package (the extension
-# renamed to the version-free suffix .so), its pure-Python needs and the Debian libraries it links
-# (libturbojpeg, libopencv_core/imgproc and theirs; not libc or libstdc++) into CARRY, which this
-# script puts on PYTHONPATH and LD_LIBRARY_PATH. Knobs (environment): OUT, DATA, CLASSES,
-# PER_CLASS, STEPS, ROUNDS, COMPILE, CARRY, WORKERS, DEVICE (cuda; cpu runs the same plumbing
-# small, for a check here), PYTHON. Budget on the H200: ~1 min dataset, ~2 min train_fps, <1 min
-# augment_cost, ~3 min with --compile, ~2 min loader_fps; run it with the device tool's
-# timeout_s=560 and PYTHONUNBUFFERED=1.
+# The lent machine has torch, torchvision, numba and cv2 but no package index, and the project is
+# not installed there: PYTHONPATH gets the checkout. DALI's wheel is too large to carry; FFCV is
+# carried by bench/carry_ffcv.sh (package, pure-Python needs, the Debian libraries it links) and
+# put on PYTHONPATH and LD_LIBRARY_PATH here. Knobs (environment): OUT (default out/bench/accelerator,
+# not tracked), DATA, CLASSES, PER_CLASS, STEPS, ROUNDS, COMPILE, CARRY, WORKERS, PYTHON, DEVICE
+# (cuda; cpu runs the same plumbing small, as a check on a machine without one:
+# DEVICE=cpu CLASSES=2 PER_CLASS=16 STEPS=2 ROUNDS=1 COMPILE=0 bash bench/accelerator.sh).
+# Run it with the device tool's timeout_s=560 and PYTHONUNBUFFERED=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-OUT=${OUT:-bench/results/accelerator}
+OUT=${OUT:-out/bench/accelerator}
 DATA=${DATA:-/tmp/mnv3_accelerator_data}
 CLASSES=${CLASSES:-20}
 PER_CLASS=${PER_CLASS:-640}  # 12,800 train images: 50 steps of 256 per epoch
@@ -41,6 +37,7 @@ ROUNDS=${ROUNDS:-3}
 COMPILE=${COMPILE:-1}  # 0 skips the --compile run
 WORKERS=${WORKERS:-$(nproc)}
 CARRY=${CARRY:-.h200}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # import core, loaders, engine, ... without an install
 if [ -d "$CARRY/site" ]; then
   export PYTHONPATH="$PWD/$CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
   # Only the carried libraries this machine lacks: a carried libz or libX11 must not shadow newer
@@ -111,9 +108,11 @@ done
 if [ "$DEVICE" = cpu ]; then
   size=(--arch mobilenetv3_small_100 --image-size 64 --batch-size 16)
   cost=(--batch 16 --image-size 64 --repeats 2)
+  loader=(--batch-size 16 --image-size 64)
 else
   size=(--arch mobilenetv3_large_100 --image-size 224 --batch-size 256)
   cost=(--batch 256 --image-size 224)
+  loader=(--batch-size 64 --image-size 224)
 fi
 common=(--device "$DEVICE" --data "$DATA" --loaders "$runs" "${size[@]}" --amp --amp-dtype bfloat16
         --workers "$WORKERS" --steps "$STEPS" --rounds "$ROUNDS")
@@ -124,5 +123,5 @@ if [ "$COMPILE" = 1 ]; then
     --json "$OUT/train_fps_compile.json" --png "$DATA/train_fps_compile.png" || status=1  # 8 files come back
 fi
 stage loader_fps 150 $PYTHON bench/loader_fps.py --data "$DATA" --loaders "$runs" --workers "$WORKERS" \
-  --epochs 2 --json "$OUT/loader_fps.json" || status=1
+  "${loader[@]}" --epochs 2 --json "$OUT/loader_fps.json" || status=1
 exit $status

@@ -1,60 +1,30 @@
-"""Loader throughput side by side: our loaders, the stock pipeline, each library's bare pipeline,
-and the decode limit of the bytes each one reads; images/s, CPU, memory, time to the first batch.
+"""Loader throughput side by side: our loaders, the stock torchvision pipeline, each library's bare
+pipeline, and the decode limit of the bytes each one reads; images/s, CPU, memory, first batch.
 
-    python bench/loader_fps.py [--data DIR] [--loaders ffcv,dali,torchvision] [--split train|val]
-                               [--batch-size 64] [--workers N] [--image-size 224] [--epochs 6] [--lead-in 1]
-                               [--max-resolution 512] [--write-mode jpg] [--json PATH] [--png PATH]
+    python bench/loader_fps.py [--data DIR] [--loaders ffcv,dali,torchvision] [--epochs 6]
+                               [--max-resolution 512] [--write-mode jpg] [--json PATH]   (--help: all)
 
 With no --data it uses the built-in sample dataset. What the loaders need is converted once with
 the converter's defaults into DATA/ffcv and DATA/shards; another --max-resolution or --write-mode
 goes into its own folder (DATA/ffcv-256px-raw, DATA/shards-256px), so the defaults stay untouched.
 
-Rows, each in its own process (so CPU time and peak memory are its own):
-  stock        torchvision's reference recipe: ImageFolder + PIL + RandomResizedCrop + flip +
-               PILToTensor + ToDtype + Normalize, DataLoader (references/classification/presets.py)
-  ffcv | dali | torchvision            our loaders (loaders/), through build_loader
-  ffcv bare | dali bare | torchvision bare
-               the library used minimally, as its documentation shows, on the same bytes as our
-               loader: FFCV's Loader; a DALI CPU pipeline on fn.readers.webdataset
-               (fn.readers.file on the folder); torchvision.io.decode_image + transforms v2 +
-               DataLoader over ImageFolder, or over the shards by their index offsets
-  decode limit: <bytes>
-               decode only, libjpeg-turbo (torchvision.io.decode_jpeg) in a process pool over all
-               cores, of the very bytes a loader reads: the .beton's JPEGs (FFCV), the shards'
-               JPEGs (DALI; torchvision when shards exist), the original files (stock)
-Timing: one warm-up epoch per row (numba JIT, worker start: its first batch is the cold
-`first_batch_s`), then --epochs epochs per row, interleaved row by row so that load from other
-processes hits every row alike. Each timed epoch comes right after --lead-in untimed epochs of
-the same row: a loader that works ahead (our DALI stream decodes the next epoch's first batches
-as soon as its queue has room) would otherwise do that work while another row is being timed,
-for free (measured: 1.80x its bare pipeline on the sample's 6-batch epochs without the lead-in,
-1.39x with it). Each epoch is timed whole, from iter() to the last batch (on an accelerator with
-a synchronize at both edges). Ratios ("x stock", "of bare", "of limit") are medians of
-per-epoch ratios within the same round.
+Each row runs in its own process, so its CPU time and peak memory are its own (bench/README.md
+describes the rows and columns). A timed unit is one whole epoch, from iter() to the last batch,
+right after --lead-in untimed epochs of the same row.
 """
 import argparse
 import multiprocessing as mp
-import os
 import sys
 import time
-import traceback
 from functools import partial
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import (RESULTS_DIR, PeakRSS, Window, bar_chart, cores, environment, load_average,  # noqa: E402
-                          spread, table, versions, write_json)
-from convert.scan import JPEG_QUALITY, MAX_RES_PX  # noqa: E402
+from bench.harness import Forked, Report, Row, add_output_flags, cores, measure, paired, stats
+from convert.images import JPEG_QUALITY, MAX_RES_PX
+from core.errors import ConfigError, run_command
 
 LOADER_NAMES = ("ffcv", "dali", "torchvision")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 COLORS = {"stock": "#7f7f7f", "ffcv": "#1f77b4", "dali": "#2ca02c", "torchvision": "#d62728"}
-# Targets from issue 8 (2 cores, sample dataset at the converter's defaults).
-TARGET_VS_STOCK = {"ffcv": 4.0, "dali": 1.2, "torchvision": 1.3}
-TARGET_OF_BARE = 0.95
-TARGET_FFCV_OF_LIMIT = 0.70
-EPOCH_TIMEOUT_S = 1800
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,40 +55,39 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "does) or the ImageFolder; its bare row reads the same bytes")
     p.add_argument("--device", default="cpu", help="where our loaders deliver batches (cpu, cuda, cuda:1)")
     p.add_argument("--seed", type=int, default=0, help="shuffling and augmentation seed")
-    p.add_argument("--json", default=str(RESULTS_DIR / "loader_fps.json"), help="results as JSON")
-    p.add_argument("--png", default=None, help="bar chart (default: the --json path with .png)")
+    add_output_flags(p, "loader_fps")
     return p
 
 
 # --- what each row reads ---------------------------------------------------------------------------
 
-def prepare(args) -> dict:
-    """Dataset folder and converted folders; convert what is missing."""
+def prepare(args):
+    """Set args.data, beton_dir, shards_dir and reads (what each library reads); convert what is missing."""
     from convert.make_sample import ensure_sample
-    data = ensure_sample(args.data, "loader_fps")
+    args.data = data = ensure_sample(args.data, "loader_fps")
     if not (data / args.split).is_dir():
-        raise SystemExit(f"--data {data}: no {args.split}/ folder (expected {data}/{args.split}/<class>/<image>)")
+        raise ConfigError(f"--data {data}: no {args.split}/ folder (expected {data}/{args.split}/<class>/<image>)")
     default_ffcv = args.max_res_px == MAX_RES_PX and args.write_mode == "jpg"
-    beton_dir = data / ("ffcv" if default_ffcv else f"ffcv-{args.max_res_px}px-{args.write_mode}")
-    shards_dir = data / ("shards" if args.max_res_px == MAX_RES_PX else f"shards-{args.max_res_px}px")
-    if "ffcv" in args.loaders and not ((beton_dir / f"{args.split}.beton").exists()
-                                       and (beton_dir / "classes.json").exists()):
+    args.beton_dir = data / ("ffcv" if default_ffcv else f"ffcv-{args.max_res_px}px-{args.write_mode}")
+    args.shards_dir = data / ("shards" if args.max_res_px == MAX_RES_PX else f"shards-{args.max_res_px}px")
+    if "ffcv" in args.loaders and not ((args.beton_dir / f"{args.split}.beton").exists()
+                                       and (args.beton_dir / "classes.json").exists()):
         from convert.to_ffcv import convert
-        print(f"loader_fps: converting {data}/{args.split} into {beton_dir}", file=sys.stderr)
-        convert(data, beton_dir, splits=(args.split,), max_res_px=args.max_res_px, write_mode=args.write_mode,
+        print(f"loader_fps: converting {data}/{args.split} into {args.beton_dir}", file=sys.stderr)
+        convert(data, args.beton_dir, splits=(args.split,), max_res_px=args.max_res_px, write_mode=args.write_mode,
                 progress=False)
     sources = {"dali": args.dali_source, "torchvision": args.torchvision_source}
     wanted = [lib for lib, source in sources.items() if lib in args.loaders
               and (source == "shards" or source == "auto" and lib == "dali")]
-    if wanted and not list(shards_dir.glob(f"{args.split}-*.idx")):
+    if wanted and not list(args.shards_dir.glob(f"{args.split}-*.idx")):
         from convert.to_shards import convert
-        print(f"loader_fps: writing shards of {data}/{args.split} into {shards_dir}", file=sys.stderr)
-        convert(data, shards_dir, splits=(args.split,), max_res_px=args.max_res_px, progress=False)
-    have_shards = bool(list(shards_dir.glob(f"{args.split}-*.idx")))
-    # what each row reads: the loaders' own rule (auto = shards when present)
-    reads = {"ffcv": "beton", "stock": "folder",
-             **{lib: "shards" if source != "folder" and have_shards else "folder" for lib, source in sources.items()}}
-    return {"data": data, "beton_dir": beton_dir, "shards_dir": shards_dir, "reads": reads}
+        print(f"loader_fps: writing shards of {data}/{args.split} into {args.shards_dir}", file=sys.stderr)
+        convert(data, args.shards_dir, splits=(args.split,), max_res_px=args.max_res_px, progress=False)
+    have_shards = bool(list(args.shards_dir.glob(f"{args.split}-*.idx")))
+    # the loaders' own rule: auto reads the shards when they exist
+    args.reads = {"ffcv": "beton", "stock": "folder",
+                  **{lib: "shards" if source != "folder" and have_shards else "folder"
+                     for lib, source in sources.items()}}
 
 
 def limit_source(library: str, args) -> str:
@@ -129,20 +98,36 @@ def limit_source(library: str, args) -> str:
     return "shard JPEGs" if reads == "shards" else "original files"
 
 
-def plan_rows(args) -> list[dict]:
-    rows = [dict(name="stock", library="stock", kind="stock")]
+class Pipeline(Row):
+    """Whole epochs of one input pipeline; `builder(args)` returns run_epoch(epoch) -> (images, first batch s)."""
+
+    def __init__(self, name: str, library: str, kind: str, builder, args):
+        self.name, self.library, self.kind, self.builder, self.args = name, library, kind, builder, args
+
+    def build(self):
+        self.run_epoch, self.epoch = self.builder(self.args), 0
+
+    def work(self) -> dict:
+        images, first_batch_s = self.run_epoch(self.epoch)
+        self.epoch += 1  # consecutive epoch numbers, lead-ins included, as a training run sees them
+        return {"images": images, "first_batch_s": first_batch_s}
+
+    def lead_in(self):
+        for _ in range(self.args.lead_in):
+            self.work()
+
+
+def plan_rows(args) -> list[Pipeline]:
+    rows = [Pipeline("stock", "stock", "stock", build_stock, args)]
     for lib in args.loaders:
-        rows += [dict(name=lib, library=lib, kind="ours"), dict(name=f"{lib} bare", library=lib, kind="bare")]
-    sources = []
-    for lib in [*args.loaders, "stock"]:
-        if limit_source(lib, args) not in sources:
-            sources.append(limit_source(lib, args))
-    rows += [dict(name=f"decode limit: {s}", library="limit", kind="limit", source=s) for s in sources]
+        rows += [Pipeline(lib, lib, "ours", partial(build_ours, library=lib), args),
+                 Pipeline(f"{lib} bare", lib, "bare", BARE[lib], args)]
+    for source in dict.fromkeys(limit_source(lib, args) for lib in [*args.loaders, "stock"]):
+        rows.append(Pipeline(f"decode limit: {source}", "limit", "limit", partial(build_limit, source=source), args))
     return rows
 
 
 # --- the rows' pipelines (built inside each row's process) -----------------------------------------
-# Each builder returns run_epoch(epoch) -> (images, first_batch_s).
 
 def _consume(batches, device):
     import torch
@@ -158,32 +143,29 @@ def _consume(batches, device):
     return n, first_s
 
 
-def build_ours(row, args, paths):
+def build_ours(args, library: str):
     import torch
     from loaders import build_loader
     device = torch.device(args.device)
-    options = {"ffcv": {"beton_dir": str(paths["beton_dir"])},
-               "dali": {"shards_dir": str(paths["shards_dir"]), "source": args.dali_source},
-               "torchvision": {"shards_dir": str(paths["shards_dir"]), "source": args.torchvision_source},
-               }[row["library"]]
-    loader = build_loader(row["library"], split=args.split, data=paths["data"], batch_size=args.batch_size,
+    options = {"ffcv": {"beton_dir": str(args.beton_dir)},
+               "dali": {"shards_dir": str(args.shards_dir), "source": args.dali_source},
+               "torchvision": {"shards_dir": str(args.shards_dir), "source": args.torchvision_source}}
+    loader = build_loader(library, split=args.split, data=args.data, batch_size=args.batch_size,
                           workers=args.workers, image_size=args.image_size, seed=args.seed, device=device,
-                          options=options)
+                          options=options[library])
 
     def run_epoch(epoch):
         loader.set_epoch(epoch)
-        n, _ = _consume(loader, device)
-        return n, loader.first_batch_s
+        return _consume(loader, device)[0], loader.first_batch_s
     return run_epoch
 
 
-def build_stock(row, args, paths):
+def build_stock(args):
     """torchvision's references/classification recipe (PIL backend), as train.py there builds it."""
     import torch
     from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
     from torchvision import datasets, transforms
     from torchvision.transforms import InterpolationMode
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     size = args.image_size
     if args.split == "train":
         geometry = [transforms.RandomResizedCrop(size, interpolation=InterpolationMode.BILINEAR, antialias=True),
@@ -191,9 +173,9 @@ def build_stock(row, args, paths):
     else:
         geometry = [transforms.Resize(int(size / 0.875), interpolation=InterpolationMode.BILINEAR, antialias=True),
                     transforms.CenterCrop(size)]
-    dataset = datasets.ImageFolder(str(paths["data"] / args.split), transforms.Compose(
+    dataset = datasets.ImageFolder(str(args.data / args.split), transforms.Compose(
         geometry + [transforms.PILToTensor(), transforms.ConvertImageDtype(torch.float),
-                    transforms.Normalize(mean, std)]))
+                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
     device = torch.device(args.device)
     sampler = RandomSampler(dataset) if args.split == "train" else SequentialSampler(dataset)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
@@ -201,7 +183,7 @@ def build_stock(row, args, paths):
     return lambda epoch: _consume(loader, device)
 
 
-def build_ffcv_bare(row, args, paths):
+def build_ffcv_bare(args):
     """FFCV's Loader as its ImageNet example writes it, minus normalisation."""
     import torch
     from ffcv.fields.basics import IntDecoder
@@ -215,7 +197,7 @@ def build_ffcv_bare(row, args, paths):
         image = [RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()]
     else:
         image = [CenterCropRGBImageDecoder(size, ratio=224 / 256)]
-    loader = Loader(str(paths["beton_dir"] / f"{args.split}.beton"), batch_size=args.batch_size,
+    loader = Loader(str(args.beton_dir / f"{args.split}.beton"), batch_size=args.batch_size,
                     num_workers=args.workers, os_cache=True, drop_last=args.split == "train",
                     order=OrderOption.RANDOM if args.split == "train" else OrderOption.SEQUENTIAL,
                     pipelines={"image": image + [ToTensor(), *to_device, ToTorchImage()],
@@ -223,13 +205,13 @@ def build_ffcv_bare(row, args, paths):
     return lambda epoch: _consume(loader, device)
 
 
-def build_dali_bare(row, args, paths):
+def build_dali_bare(args):
     """A DALI CPU pipeline as DALI's examples write it; built once, reset between epochs."""
     import torch
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
     train, size = args.split == "train", args.image_size
-    tars = sorted(paths["shards_dir"].glob(f"{args.split}-*.tar")) if paths["reads"]["dali"] == "shards" else []
+    tars = sorted(args.shards_dir.glob(f"{args.split}-*.tar")) if args.reads["dali"] == "shards" else []
 
     @pipeline_def(batch_size=args.batch_size, num_threads=args.workers, device_id=None)
     def pipe():
@@ -239,7 +221,7 @@ def build_dali_bare(row, args, paths):
                                                   ext=["jpg", "cls"], random_shuffle=train, name="Reader")
             labels = fn.pad(labels, axes=(0,), shape=(8,))  # ASCII digits, padded to one shape per batch
         else:
-            jpegs, labels = fn.readers.file(file_root=str(paths["data"] / args.split), random_shuffle=train,
+            jpegs, labels = fn.readers.file(file_root=str(args.data / args.split), random_shuffle=train,
                                             name="Reader")
         if train:
             images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
@@ -258,29 +240,39 @@ def build_dali_bare(row, args, paths):
     iterator = DALIGenericIterator(pipeline, ["images", "labels"], reader_name="Reader",
                                    last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
     device = torch.device(args.device)
-    started = [False]
 
     def run_epoch(epoch):
-        if started[0]:
+        if epoch:
             iterator.reset()
-        started[0] = True
         return _consume(((b[0]["images"], b[0]["labels"]) for b in iterator), device)
     return run_epoch
 
 
-class ShardJPEGs:
-    """Map-style dataset over the shards, as small as it gets: the .idx files say where each JPEG and
-    label sit in the tars; open, seek, read, decode."""
+def shard_members(shards_dir, split) -> list[tuple]:
+    """(tar, jpg offset, jpg size, label) of every sample in the shards, from the DALI index files
+    the loaders read (core.shards)."""
+    from core.shards import Shards
+    shards = Shards(shards_dir, sorted(shards_dir.glob(f"{split}-*.tar")), classes=[])
+    samples, out = shards.samples(), []
+    for t, tar in enumerate(shards.tars):
+        with open(tar, "rb") as f:
+            for _, jpg_offset, jpg_size, cls_offset, cls_size in samples[samples[:, 0] == t].tolist():
+                f.seek(cls_offset)
+                out.append((str(tar), jpg_offset, jpg_size, int(f.read(cls_size))))
+    return out
 
-    def __init__(self, shards_dir: Path, split: str, transform):
-        import numpy as np
-        self.transform, self.items = transform, []
-        for tar, rows in shard_samples(shards_dir, split):
-            with open(tar, "rb") as f:
-                for jpg_offset, jpg_size, cls_offset, cls_size in rows:
-                    f.seek(cls_offset)
-                    self.items.append((tar, jpg_offset, jpg_size, int(f.read(cls_size))))
-        self.labels = np.array([item[-1] for item in self.items])
+
+def read_bytes(tar: str, offset: int, size: int) -> bytes:
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+class ShardJPEGs:
+    """Map-style dataset over the shards, as small as it gets: seek, read, decode."""
+
+    def __init__(self, shards_dir, split: str, transform):
+        self.transform, self.items = transform, shard_members(shards_dir, split)
 
     def __len__(self):
         return len(self.items)
@@ -289,13 +281,11 @@ class ShardJPEGs:
         import torch
         from torchvision.io import decode_jpeg
         tar, offset, size, label = self.items[i]
-        with open(tar, "rb") as f:
-            f.seek(offset)
-            data = torch.frombuffer(bytearray(f.read(size)), dtype=torch.uint8)
-        return self.transform(decode_jpeg(data)), label
+        return self.transform(decode_jpeg(torch.frombuffer(bytearray(read_bytes(tar, offset, size)),
+                                                           dtype=torch.uint8))), label
 
 
-def build_torchvision_bare(row, args, paths):
+def build_torchvision_bare(args):
     """torchvision.io's decoder and transforms v2 on uint8 tensors in a DataLoader, as the docs show:
     over ImageFolder, or over the shards (ShardJPEGs) when our loader reads those."""
     import torch
@@ -308,10 +298,10 @@ def build_torchvision_bare(row, args, paths):
         transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
     else:
         transform = v2.Compose([v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)])
-    if paths["reads"]["torchvision"] == "shards":
-        dataset = ShardJPEGs(paths["shards_dir"], args.split, transform)
+    if args.reads["torchvision"] == "shards":
+        dataset = ShardJPEGs(args.shards_dir, args.split, transform)
     else:
-        dataset = datasets.ImageFolder(str(paths["data"] / args.split), transform=transform,
+        dataset = datasets.ImageFolder(str(args.data / args.split), transform=transform,
                                        loader=partial(decode_image, mode=ImageReadMode.RGB))
     device = torch.device(args.device)
     # persistent_workers as our loader has them: the bare row pays no more worker start-ups than ours.
@@ -321,12 +311,15 @@ def build_torchvision_bare(row, args, paths):
     return lambda epoch: _consume(loader, device)
 
 
+BARE = {"ffcv": build_ffcv_bare, "dali": build_dali_bare, "torchvision": build_torchvision_bare}
+
+
 # --- the decode limit ------------------------------------------------------------------------------
 
-_BLOBS = []  # (uint8 array, height, width or None for an encoded image); inherited by forked workers
+_BLOBS = []  # (uint8 array, (height, width) or None for an encoded image); inherited by forked workers
 
 
-def beton_blobs(path: Path) -> list:
+def beton_blobs(path) -> list:
     """Every stored image of a .beton as FFCV stores it: JPEG bytes, or raw pixels (raw/smart modes)."""
     import numpy as np
     from ffcv.fields.rgb_image import IMAGE_MODES
@@ -337,37 +330,20 @@ def beton_blobs(path: Path) -> list:
     out = []
     for field in reader.metadata[f"f{reader.field_names.index('image')}"]:
         ptr = int(field["data_ptr"])
-        data = np.array(raw[ptr:ptr + sizes[ptr]])
         jpg = field["mode"] == IMAGE_MODES["jpg"]
-        out.append((data, None if jpg else (int(field["height"]), int(field["width"]))))
+        out.append((np.array(raw[ptr:ptr + sizes[ptr]]), None if jpg else (int(field["height"]), int(field["width"]))))
     return out
 
 
-def shard_samples(shards_dir: Path, split: str) -> list:
-    """[(tar path, rows of its samples: jpg offset, jpg size, cls offset, cls size)], read from the
-    DALI index files the way the loaders read them (loaders.shards)."""
-    from loaders.shards import Shards
-    shards = Shards(shards_dir, sorted(shards_dir.glob(f"{split}-*.tar")), classes=[])
-    rows = shards.samples()
-    return [(str(tar), rows[rows[:, 0] == t, 1:].tolist()) for t, tar in enumerate(shards.tars)]
-
-
-def shard_blobs(shards_dir: Path, split: str) -> list:
-    """The .jpg members of the shards, as the readers find them."""
+def blobs(source: str, args) -> list:
     import numpy as np
-    out = []
-    for tar, rows in shard_samples(shards_dir, split):
-        with open(tar, "rb") as f:
-            for jpg_offset, jpg_size, _, _ in rows:
-                f.seek(jpg_offset)
-                out.append((np.frombuffer(f.read(jpg_size), np.uint8).copy(), None))
-    return out
-
-
-def file_blobs(data: Path, split: str) -> list:
-    import numpy as np
-    from loaders.dataset_index import split_index
-    return [(np.fromfile(p, np.uint8), None) for p in split_index(data, split).paths]
+    if source.startswith(".beton"):
+        return beton_blobs(args.beton_dir / f"{args.split}.beton")
+    if source == "shard JPEGs":
+        return [(np.frombuffer(read_bytes(tar, offset, size), np.uint8).copy(), None)
+                for tar, offset, size, _ in shard_members(args.shards_dir, args.split)]
+    from core.dataset import split_index
+    return [(np.fromfile(p, np.uint8), None) for p in split_index(args.data, args.split).paths]
 
 
 def _decoder_setup():
@@ -386,183 +362,19 @@ def _decode_range(bounds) -> int:
     return bounds[1] - bounds[0]
 
 
-def build_limit(row, args, paths):
+def build_limit(args, source: str):
+    """Decode only, libjpeg-turbo (torchvision.io) in a process pool over all cores."""
     global _BLOBS
-    source = row["source"]
-    if source.startswith(".beton"):
-        _BLOBS = beton_blobs(paths["beton_dir"] / f"{args.split}.beton")
-    elif source == "shard JPEGs":
-        _BLOBS = shard_blobs(paths["shards_dir"], args.split)
-    else:
-        _BLOBS = file_blobs(paths["data"], args.split)
+    _BLOBS = blobs(source, args)
     workers = cores()
     pool = mp.get_context("fork").Pool(workers, initializer=_decoder_setup)
     n = len(_BLOBS)
     step = max(1, -(-n // (8 * workers)))  # 8 chunks per process: balanced, few round trips
     chunks = [(i, min(n, i + step)) for i in range(0, n, step)]
-
-    def run_epoch(epoch):
-        return sum(pool.map(_decode_range, chunks)), None
-    return run_epoch
+    return lambda epoch: (sum(pool.map(_decode_range, chunks)), None)
 
 
-BUILDERS = {"ours": build_ours, "stock": build_stock, "limit": build_limit,
-            ("bare", "ffcv"): build_ffcv_bare, ("bare", "dali"): build_dali_bare,
-            ("bare", "torchvision"): build_torchvision_bare}
-
-
-# --- one process per row, driven epoch by epoch from the parent -----------------------------------
-
-def _host(row, args, paths, conn):
-    try:
-        with PeakRSS(interval_s=0.1, pss_every=20) as rss:
-            start_s = time.perf_counter()
-            key = (row["kind"], row["library"]) if row["kind"] == "bare" else row["kind"]
-            run_epoch = BUILDERS[key](row, args, paths)
-            conn.send(("ready", time.perf_counter() - start_s))
-            epoch = 0  # consecutive epoch numbers, lead-ins included, as a training run would see them
-            while True:
-                command, lead_in = conn.recv()
-                if command == "stop":
-                    break
-                for _ in range(lead_in):
-                    run_epoch(epoch)
-                    epoch += 1
-                with Window() as w:  # _consume synchronizes the device before returning
-                    images, first_batch_s = run_epoch(epoch)
-                epoch += 1
-                conn.send(("epoch", {"images": images, "wall_s": w.wall_s, "cpu_s": w.cpu_s,
-                                     "first_batch_s": first_batch_s}))
-        conn.send(("done", {"peak_rss_mb": rss.peak_rss_mb, "peak_pss_mb": rss.peak_pss_mb}))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
-        os._exit(0)  # skip atexit handlers of libraries that may wait on their pools
-
-
-class Host:
-    def __init__(self, row, args, paths):
-        self.row = row
-        self.conn, child = mp.get_context("fork").Pipe()
-        self.process = mp.get_context("fork").Process(target=_host, args=(row, args, paths, child), daemon=False)
-        self.process.start()
-        self.build_s = None
-
-    def wait_ready(self):
-        self.build_s = self._receive("ready")
-
-    def _receive(self, expected):
-        if not self.conn.poll(EPOCH_TIMEOUT_S):
-            self.process.kill()
-            raise SystemExit(f"loader_fps: row {self.row['name']!r} gave no answer in {EPOCH_TIMEOUT_S} s")
-        try:
-            kind, payload = self.conn.recv()
-        except EOFError:
-            raise SystemExit(f"loader_fps: row {self.row['name']!r} died (exit code {self.process.exitcode})") from None
-        if kind == "error":
-            raise SystemExit(f"loader_fps: row {self.row['name']!r} failed:\n{payload}")
-        assert kind == expected, (kind, expected)
-        return payload
-
-    def epoch(self, lead_in: int) -> dict:
-        """Run `lead_in` untimed epochs, then time one."""
-        self.conn.send(("epoch", lead_in))
-        return self._receive("epoch")
-
-    def stop(self) -> dict:
-        self.conn.send(("stop", None))
-        memory = self._receive("done")
-        self.process.join(60)
-        return memory
-
-
-def measure(rows, args, paths) -> list[dict]:
-    """Warm-up epochs then timed epochs, interleaved row by row; the order rotates every round."""
-    hosts = []
-    try:
-        print(f"loader_fps: building {len(rows)} rows: {', '.join(r['name'] for r in rows)}", file=sys.stderr,
-              flush=True)
-        for row in rows:  # built side by side: building is not timed
-            hosts.append(Host(row, args, paths))
-        for host in hosts:
-            host.wait_ready()
-        for row in rows:
-            row.update(build_s=None, warmup=[], epochs=[])
-        for r in range(args.warmup_epochs + args.epochs):
-            timed = r >= args.warmup_epochs
-            print(f"loader_fps: {'epoch' if timed else 'warm-up epoch'} {r + 1}/{args.warmup_epochs + args.epochs}",
-                  file=sys.stderr, flush=True)
-            for k in range(len(hosts)):
-                host = hosts[(k + r) % len(hosts)]
-                result = host.epoch(args.lead_in if timed else 0)
-                (host.row["epochs"] if timed else host.row["warmup"]).append(result)
-        for host in hosts:
-            host.row.update(host.stop(), build_s=host.build_s)
-    finally:
-        for host in hosts:
-            if host.process.is_alive():
-                host.process.kill()
-    return rows
-
-
-# --- numbers, table, JSON, PNG --------------------------------------------------------------------
-
-def _paired_ratio(row, ref) -> dict:
-    """Median (min-max) over rounds of row's images/s divided by ref's in the same round."""
-    return spread([(a["images"] / a["wall_s"]) / (b["images"] / b["wall_s"])
-                   for a, b in zip(row["epochs"], ref["epochs"])])
-
-
-def summarize(rows, args, usable_cores) -> tuple[list[dict], list[dict]]:
-    by_name = {row["name"]: row for row in rows}
-    stock = by_name["stock"]
-    out = []
-    for row in rows:
-        epochs = row["epochs"]
-        fps = spread([e["images"] / e["wall_s"] for e in epochs])
-        wall_s = sum(e["wall_s"] for e in epochs)
-        cpu_s = sum(e["cpu_s"] for e in epochs)
-        images = sum(e["images"] for e in epochs)
-        limit = row if row["kind"] == "limit" else by_name[f"decode limit: {limit_source(row['library'], args)}"]
-        bare = _paired_ratio(row, by_name[f"{row['library']} bare"]) if row["kind"] == "ours" else None
-        warm_first = [e["first_batch_s"] for e in epochs if e["first_batch_s"] is not None]
-        out.append({
-            "name": row["name"], "library": row["library"], "kind": row["kind"],
-            "images_per_epoch": images // len(epochs),
-            "imgs_per_s": fps["median"], "imgs_per_s_min": fps["min"], "imgs_per_s_max": fps["max"],
-            "imgs_per_s_epochs": [round(v, 1) for v in fps["values"]],
-            "x_stock": _paired_ratio(row, stock)["median"],
-            "of_bare": bare and bare["median"], "of_bare_min": bare and bare["min"],
-            "of_bare_max": bare and bare["max"],
-            "of_limit": _paired_ratio(row, limit)["median"] if row["kind"] != "limit" else None,
-            "cores_used": cpu_s / wall_s,
-            "cpu_util_pct": 100 * cpu_s / wall_s / usable_cores,
-            "imgs_per_core_s": images / cpu_s if cpu_s > 0 else None,
-            "peak_rss_mb": row["peak_rss_mb"], "peak_pss_mb": row["peak_pss_mb"],
-            "first_batch_s_cold": row["warmup"][0]["first_batch_s"] if row["warmup"] else None,
-            "first_batch_s_warm": spread(warm_first)["median"] if warm_first else None,
-            "build_s": row["build_s"],
-        })
-    return out, targets(out, args)
-
-
-def targets(out, args) -> list[dict]:
-    by_name = {r["name"]: r for r in out}
-    checks = []
-    for lib in args.loaders:
-        ours = by_name[lib]
-        checks.append({"target": f"{lib} >= {TARGET_VS_STOCK[lib]}x stock", "measured": ours["x_stock"],
-                       "unit": "x", "met": ours["x_stock"] >= TARGET_VS_STOCK[lib]})
-        checks.append({"target": f"{lib} within 5% of {lib} bare", "measured": ours["of_bare"],
-                       "unit": "of bare", "met": ours["of_bare"] >= TARGET_OF_BARE})
-    if "ffcv" in args.loaders:
-        ffcv = by_name["ffcv"]
-        checks.append({"target": f"ffcv >= {TARGET_FFCV_OF_LIMIT:.0%} of its decode limit",
-                       "measured": ffcv["of_limit"], "unit": "of limit",
-                       "met": ffcv["of_limit"] >= TARGET_FFCV_OF_LIMIT})
-    return checks
-
+# --- numbers and output ----------------------------------------------------------------------------
 
 COLUMNS = [("pipeline", "name", ""), ("img/s", "imgs_per_s", ".0f"), ("min", "imgs_per_s_min", ".0f"),
            ("max", "imgs_per_s_max", ".0f"), ("x stock", "x_stock", ".2f"), ("of bare", "of_bare", ".2f"),
@@ -571,21 +383,28 @@ COLUMNS = [("pipeline", "name", ""), ("img/s", "imgs_per_s", ".0f"), ("min", "im
            ("1st batch cold s", "first_batch_s_cold", ".2f"), ("warm s", "first_batch_s_warm", ".3f")]
 
 
-def plot(path, out, title):
-    labels, notes = [], []
-    for r in out:
-        labels.append(r["name"])
-        note = [f"{r['x_stock']:.2f}x stock"] if r["kind"] != "stock" else []
-        if r["of_bare"] is not None:
-            note.append(f"{r['of_bare']:.0%} of bare")
-        if r["of_limit"] is not None and r["kind"] in ("ours", "stock"):
-            note.append(f"{r['of_limit']:.0%} of limit")
-        notes.append(", ".join(note))
-    colors = [COLORS.get(r["library"], "#bbbbbb") for r in out]
-    stock = next(r["imgs_per_s"] for r in out if r["kind"] == "stock")
-    return bar_chart(path, labels, [r["imgs_per_s"] for r in out], [r["imgs_per_s_min"] for r in out],
-                     [r["imgs_per_s_max"] for r in out], colors, title, "images/s (median, min-max whiskers)",
-                     notes=notes, reference=stock, reference_label="stock")
+def summarize(rows: list[Pipeline], results: dict, args) -> list[dict]:
+    out = []
+    for row in rows:
+        result = results[row.name]
+        limit = result if row.kind == "limit" else results[f"decode limit: {limit_source(row.library, args)}"]
+        bare = paired(result, results[f"{row.library} bare"]) if row.kind == "ours" else {}
+        out.append({"name": row.name, "library": row.library, "kind": row.kind,
+                    "images_per_epoch": sum(r["images"] for r in result["runs"]) // len(result["runs"]),
+                    **stats(result), "x_stock": paired(result, results["stock"])["median"],
+                    "of_bare": bare.get("median"), "of_bare_min": bare.get("min"), "of_bare_max": bare.get("max"),
+                    "of_limit": paired(result, limit)["median"] if row.kind != "limit" else None})
+    return out
+
+
+def bar(r: dict) -> tuple:
+    note = [f"{r['x_stock']:.2f}x stock"] if r["kind"] != "stock" else []
+    if r["of_bare"] is not None:
+        note.append(f"{r['of_bare']:.0%} of bare")
+    if r["of_limit"] is not None and r["kind"] in ("ours", "stock"):
+        note.append(f"{r['of_limit']:.0%} of limit")
+    return (r["name"], r["imgs_per_s"], r["imgs_per_s_min"], r["imgs_per_s_max"], COLORS.get(r["library"], "#bbbbbb"),
+            ", ".join(note))
 
 
 def main(argv=None):
@@ -593,44 +412,28 @@ def main(argv=None):
     args.loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]
     unknown = [s for s in args.loaders if s not in LOADER_NAMES]
     if unknown or not args.loaders:
-        raise SystemExit(f"--loaders {','.join(unknown) or '(empty)'}: choose from {','.join(LOADER_NAMES)}")
+        raise ConfigError(f"--loaders {','.join(unknown) or '(empty)'}: choose from {','.join(LOADER_NAMES)}")
     if args.epochs < 1 or args.warmup_epochs < 0 or args.lead_in < 0 or args.batch_size < 1 or args.workers < 1:
-        raise SystemExit("--epochs, --batch-size and --workers must be >= 1, --warmup-epochs and --lead-in >= 0")
-    import torch, torchvision  # noqa: F401,E401  (imported once here: the forked rows start without importing them)
-    paths = prepare(args)
-    args.reads = paths["reads"]
+        raise ConfigError("--epochs, --batch-size and --workers must be >= 1, --warmup-epochs and --lead-in >= 0")
+    import torch, torchvision  # noqa: F401,E401  (imported once here, not in every forked row)
+    prepare(args)
     rows = plan_rows(args)
-    load_before = load_average()
-    start_s = time.perf_counter()
-    measure(rows, args, paths)
-    out, checks = summarize(rows, args, cores())
-    load_after = load_average()
+    report = Report("loader_fps", argv)
+    results = measure([Forked(r) for r in rows], rounds=args.epochs, warmups=args.warmup_epochs, who="loader_fps")
+    out = summarize(rows, results, args)
     setting = (f"{args.split}, batch {args.batch_size}, {args.workers} workers, {args.image_size} px, "
                f"stored at {args.max_res_px} px {args.write_mode}, {out[0]['images_per_epoch']} images/epoch, "
                f"{args.epochs} epochs")
-    print(f"\nloader_fps: {setting}; load average {load_before} before, {load_after} after")
-    print(table(out, COLUMNS))
-    print()
-    for c in checks:
-        print(f"{'MET ' if c['met'] else 'MISS'}  {c['target']}: {c['measured']:.2f} {c['unit']}")
-    result = {
-        "benchmark": "loader_fps", "command": " ".join(["python bench/loader_fps.py", *map(str, argv or sys.argv[1:])]),
-        "settings": {"data": str(paths["data"]), "split": args.split, "batch_size": args.batch_size,
-                     "workers": args.workers, "image_size_px": args.image_size, "epochs": args.epochs,
-                     "warmup_epochs": args.warmup_epochs, "lead_in_epochs": args.lead_in, "max_res_px": args.max_res_px,
-                     "write_mode": args.write_mode, "jpeg_quality": JPEG_QUALITY, "device": args.device,
-                     "reads": args.reads,
-                     "beton_dir": str(paths["beton_dir"]), "shards_dir": str(paths["shards_dir"])},
-        "load_average_before": load_before, "load_average_after": load_after,
-        "wall_s": round(time.perf_counter() - start_s, 1),
-        "environment": environment(), "versions": versions("torchvision", "ffcv", "nvidia.dali", "numpy"),
-        "rows": out, "targets": checks,
-    }
-    json_path = write_json(result, args.json)
-    png_path = plot(args.png or Path(args.json).with_suffix(".png"), out, f"loader_fps: {setting}")
-    print(f"\nwrote {json_path} and {png_path}")
-    return result
+    settings = {"data": str(args.data), "split": args.split, "batch_size": args.batch_size, "workers": args.workers,
+                "image_size_px": args.image_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
+                "lead_in_epochs": args.lead_in, "max_res_px": args.max_res_px, "write_mode": args.write_mode,
+                "jpeg_quality": JPEG_QUALITY, "device": args.device, "reads": args.reads,
+                "beton_dir": str(args.beton_dir), "shards_dir": str(args.shards_dir)}
+    stock = next(r["imgs_per_s"] for r in out if r["kind"] == "stock")
+    return report.write(args, setting, settings, out, COLUMNS, [bar(r) for r in out],
+                        "images/s (median, min-max whiskers)", reference=(stock, "stock"),
+                        modules=("torchvision", "ffcv", "nvidia.dali", "numpy"))
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -5,15 +5,19 @@
 Numbers are not asserted (timing belongs in bench/, not in tests); what is asserted: every row is
 there, each row saw exactly the images of an epoch, ratios are consistent with the rows they come
 from, a non-default --max-resolution / --write-mode converts into its own folder and leaves the
-defaults alone, and a bad --loaders names the flag.
+defaults alone, a run writes outside the tracked tree unless told otherwise, the harness's order
+of work and its targets, and a bad --loaders names the flag.
 """
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from bench import harness
 from convert.make_sample import make_sample
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,11 +119,70 @@ def test_augment_cost_compares_the_policy_and_every_op_and_plots_them(tmp_path):
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 
+def git_status() -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_a_run_without_json_writes_to_the_untracked_out_folder(data):
+    default = REPO / "out" / "bench" / "loader_fps.json"
+    before, start = git_status(), time.time()
+    run("loader_fps.py", "--data", data, "--loaders", "torchvision", "--batch-size", BATCH, "--image-size", 32,
+        "--epochs", 1, "--lead-in", 0)
+    assert git_status() == before
+    assert default.stat().st_mtime >= start and default.with_suffix(".png").stat().st_mtime >= start
+    result = json.loads(default.read_text())
+    assert [r["name"] for r in result["rows"]] == ["stock", "torchvision", "torchvision bare",
+                                                   "decode limit: original files"]
+    assert [t["target"] for t in result["targets"]] == [
+        "torchvision >= 1.3x stock", "torchvision within 5% of torchvision bare"]
+
+
+class Step(harness.Row):
+    """Records the order of the harness's calls; `fork` rows report the process they ran in."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def lead_in(self):
+        self.log.append(f"lead-in {self.name}")
+
+    def work(self):
+        self.log.append(self.name)
+        return {"images": 10, "pid": os.getpid()}
+
+
+def test_the_harness_rotates_rows_and_leads_each_timed_run_in():
+    log = []
+    results = harness.measure([Step("a", log), Step("b", log), Step("c", log)], rounds=2, warmups=1)
+    assert log == ["a", "b", "c",  # warm-up
+                   "lead-in b", "b", "lead-in c", "c", "lead-in a", "a",
+                   "lead-in c", "c", "lead-in a", "a", "lead-in b", "b"]
+    assert [len(results[n]["runs"]) for n in "abc"] == [2, 2, 2] and len(results["a"]["warmup"]) == 1
+    ratio = harness.paired(results["a"], results["b"])
+    assert ratio["values"] == pytest.approx([
+        (a["images"] / a["wall_s"]) / (b["images"] / b["wall_s"])
+        for a, b in zip(results["a"]["runs"], results["b"]["runs"])])
+    forked = harness.measure([harness.Forked(Step("f", []))], rounds=1, warmups=0)["f"]
+    assert forked["runs"][0]["pid"] != os.getpid() and forked["peak_rss_mb"] > 0
+
+
+def test_targets_are_read_from_the_data_file_and_checked(tmp_path, monkeypatch):
+    targets = tmp_path / "targets.yaml"
+    targets.write_text("demo:\n"
+                       "  - {name: fast, row: a, metric: x, op: '>=', value: 2}\n"
+                       "  - {name: small, row: a, metric: y, op: '<', value: 0.05, format: .1%}\n"
+                       "  - {name: not run, row: b, metric: x, op: '>=', value: 1}\n"
+                       "  - {name: overall, metric: total, op: '>', value: 1}\n")
+    monkeypatch.setattr(harness, "TARGETS", targets)
+    checks = harness.check_targets("demo", [{"name": "a", "x": 2.0, "y": 0.1}], {"total": 0.5})
+    assert [(c["target"], c["met"]) for c in checks] == [("fast", True), ("small", False), ("overall", False)]
+    assert checks[1]["format"] == ".1%"
+
+
 def test_code_version_names_each_modified_file_whole(tmp_path, monkeypatch):
     """Results record the commit and the tracked files that differed from it; a file modified in
     the tree only is listed as ' M name' by git, first in the list here, and must keep its name."""
-    from bench import common
-
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
@@ -133,7 +196,7 @@ def test_code_version_names_each_modified_file_whole(tmp_path, monkeypatch):
     (tmp_path / "train.py").write_text("v2\n")
     git("add", "train.py")  # modified and staged
     (tmp_path / "new.py").write_text("untracked: not code that was measured\n")
-    monkeypatch.setattr(common, "REPO", tmp_path)
-    version = common.code_version()
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    version = harness.code_version()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True)
     assert version == {"commit": head.stdout.strip(), "modified": ["README.md", "train.py"]}
