@@ -45,8 +45,9 @@ def derive_seed(seed: int, step: int, rank: int, stream: int) -> int:
 class DeviceAugment:
     """auto_augment: imagenet (torchvision's AutoAugment ImageNet policy), randaugment,
     trivialaugment (TrivialAugmentWide) or none. randaugment_magnitude is a bin of torchvision's
-    31 (0..30), not timm's 0..10 scale (timm's m9 is about bin 27); randaugment_magnitude_std
-    draws the bin per op from N(magnitude, std), inf: uniform in [0, magnitude].
+    31 (0..30), not timm's 0..10 scale (timm's m9 is bin 27); randaugment_magnitude_std draws the
+    bin per op from N(magnitude, std) clipped to [0, 30] (timm's mstd, in bins: timm's mstd0.5 is
+    1.5), inf: uniform in [0, magnitude].
     random_erase: per-sample probability; erase_mode const (0, the mean once normalised) or pixel
     (N(0, 1) noise). mixup_alpha / cutmix_alpha: Beta parameters, 0 turns each off; with both on,
     a batch uses cutmix with mix_switch_prob; mix_prob: probability a batch is mixed at all.
@@ -63,13 +64,16 @@ class DeviceAugment:
         if auto_augment not in POLICIES + ("none",):
             raise ValueError(f"--auto-augment {auto_augment!r}: use one of {POLICIES + ('none',)}")
         if erase_mode not in ERASE_MODES:
-            raise ValueError(f"erase mode {erase_mode!r}: use one of {ERASE_MODES}")
+            raise ValueError(f"--random-erase-mode {erase_mode!r}: use one of {ERASE_MODES}")
         for name, p in (("--random-erase", random_erase), ("mix_prob", mix_prob),
                         ("mix_switch_prob", mix_switch_prob), ("--label-smoothing", label_smoothing)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} {p} is a probability: give a value in [0, 1]")
         if auto_augment == "randaugment" and not 0 <= randaugment_magnitude <= 30:
-            raise ValueError(f"--randaugment-magnitude {randaugment_magnitude}: give a bin in [0, 30]")
+            raise ValueError(f"--ra-magnitude {randaugment_magnitude}: give a bin in [0, 30]")
+        if not randaugment_magnitude_std >= 0:
+            raise ValueError(f"--ra-magnitude-std {randaugment_magnitude_std}: give a std in bins >= 0 "
+                             "(0: fixed magnitude, inf: uniform)")
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError("--mixup-alpha and --cutmix-alpha must be >= 0 (0 turns them off)")
         self.num_classes = num_classes

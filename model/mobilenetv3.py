@@ -4,6 +4,9 @@ The architecture is data: LARGE and SMALL below are the paper's Tables 1 and 2, 
 typed row per bottleneck, and one generic `InvertedResidual` module builds every row.
 Module names match torchvision's `mobilenet_v3_large` / `mobilenet_v3_small`, so at
 width 1.0 a state_dict moves between the two unchanged (the key mapping is the identity).
+timm's mobilenetv3_large_100 / _small_100 are the same network under other names
+(pretrained.py maps them); only their BatchNorm eps differs (`bn_eps`). Stochastic depth
+(`drop_path`) sits where timm puts it, for timm's training recipe.
 
     python -m model mobilenetv3_large_100     # params and multiply-adds at 224x224
 """
@@ -17,8 +20,8 @@ from torch import Tensor, nn
 RE = nn.ReLU
 HS = nn.Hardswish
 
-BN_EPS = 1e-3  # TF's defaults, which the published weights were trained with;
-BN_MOMENTUM = 0.01  # PyTorch's momentum is 1 - TF's decay (0.99)
+BN_EPS = 1e-3  # TF's defaults, which torchvision's published weights were trained with;
+BN_MOMENTUM = 0.01  # PyTorch's momentum is 1 - TF's decay (0.99). timm's weights: eps 1e-5.
 
 
 class Bneck(NamedTuple):
@@ -129,10 +132,30 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(self.fc2(self.act(self.fc1(scale))))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016) on a residual branch: in training each sample's branch
+    is zeroed with probability p and kept ones are scaled by 1 / (1 - p), so the expectation is
+    unchanged; in eval, the identity. One Bernoulli draw per sample, made exactly as timm's
+    drop_path makes it, so a seeded run drops the same samples as timm."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = 1.0 - self.p
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.4f}"
+
+
 class InvertedResidual(nn.Module):
     """One bneck row: [1x1 expand] -> kxk depthwise -> [SE] -> 1x1 linear project (+ input)."""
 
-    def __init__(self, in_ch: int, exp_ch: int, out_ch: int, row: Bneck):
+    def __init__(self, in_ch: int, exp_ch: int, out_ch: int, row: Bneck, drop_path: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = []
         if exp_ch != in_ch:  # the first Large row has nothing to expand
@@ -143,26 +166,37 @@ class InvertedResidual(nn.Module):
         layers.append(ConvBNAct(exp_ch, out_ch))  # no activation: the projection is linear
         self.block = nn.Sequential(*layers)
         self.use_residual = row.stride == 1 and in_ch == out_ch
+        # Only a residual branch can be dropped; no parameters, so state_dicts are unchanged.
+        self.drop_path = DropPath(drop_path) if self.use_residual and drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.block(x)
-        return y + x if self.use_residual else y
+        return self.drop_path(y) + x if self.use_residual else y
 
 
 class MobileNetV3(nn.Module):
-    def __init__(self, arch: Arch, width: float = 1.0, num_classes: int = 1000, dropout: float = 0.2):
+    """`dropout`: before the classifier. `drop_path`: stochastic depth rate of the deepest block
+    (timm's drop_path_rate; 0 = off). `bn_eps`: every BatchNorm's eps."""
+
+    def __init__(self, arch: Arch, width: float = 1.0, num_classes: int = 1000, dropout: float = 0.2,
+                 drop_path: float = 0.0, bn_eps: float = BN_EPS):
         super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"--drop-path {drop_path}: give a rate in [0, 1)")
         stem = make_divisible(arch.stem * width)
         layers: list[nn.Module] = [ConvBNAct(3, stem, kernel=3, stride=2, act=HS)]
         in_ch, table_in = stem, arch.stem
-        for row in arch.blocks:
+        # timm's schedule: block i of n drops with drop_path * i / n, where timm counts the last
+        # 1x1 conv as a block too (it has no residual, so it never drops).
+        num_blocks = len(arch.blocks) + 1
+        for i, row in enumerate(arch.blocks):
             out_ch = make_divisible(row.out * width)
             # The expansion is a ratio of the block's (already rounded) input, as in the authors'
             # TF code that produced the paper's Table 3 numbers for width 0.75 (155M MAdds, 4.0M
             # params). torchvision scales the exp column on its own instead (140M, 3.4M); at
             # width 1.0 both give the table exactly.
             exp_ch = make_divisible(in_ch * row.exp / table_in)
-            layers.append(InvertedResidual(in_ch, exp_ch, out_ch, row))
+            layers.append(InvertedResidual(in_ch, exp_ch, out_ch, row, drop_path * i / num_blocks))
             in_ch, table_in = out_ch, row.out
         last_conv = make_divisible(arch.last_conv * width)
         layers.append(ConvBNAct(in_ch, last_conv, act=HS))
@@ -178,6 +212,7 @@ class MobileNetV3(nn.Module):
             nn.Linear(arch.head, num_classes),
         )
         init_weights(self)
+        set_bn_eps(self, bn_eps)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.avgpool(self.features(x))
@@ -199,9 +234,16 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def mobilenetv3_large(width: float = 1.0, num_classes: int = 1000, dropout: float = 0.2) -> MobileNetV3:
-    return MobileNetV3(LARGE, width, num_classes, dropout)
+def set_bn_eps(module: nn.Module, eps: float) -> None:
+    """eps is not in a state_dict: weights must be used with the eps they were trained with."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = eps
 
 
-def mobilenetv3_small(width: float = 1.0, num_classes: int = 1000, dropout: float = 0.2) -> MobileNetV3:
-    return MobileNetV3(SMALL, width, num_classes, dropout)
+def mobilenetv3_large(width: float = 1.0, **kwargs) -> MobileNetV3:
+    return MobileNetV3(LARGE, width, **kwargs)
+
+
+def mobilenetv3_small(width: float = 1.0, **kwargs) -> MobileNetV3:
+    return MobileNetV3(SMALL, width, **kwargs)

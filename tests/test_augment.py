@@ -247,6 +247,24 @@ def test_randaugment_magnitude_and_magnitude_std():
     assert bins.min() >= 0 and bins.max() <= 30
 
 
+def test_magnitude_std_follows_timms_mstd_on_torchvisions_bins():
+    # timm's rand-m9-mstd0.5 draws the level per op from N(9, 0.5) clipped to [0, 10]; on the 31
+    # bins (3 per timm level) that is N(27, 1.5) clipped to [0, 30]: draws above 30 pile up at 30.
+    def rotate_bins(**kw):
+        plan = sample_plan("randaugment", 20000, 64, 64, torch.Generator().manual_seed(3), **kw)
+        return torch.cat([s.magnitudes[s.ops == OP_INDEX["Rotate"]] for s in plan]).abs()  # 1 degree per bin
+
+    timm_m9 = rotate_bins(magnitude=27, magnitude_std=1.5)
+    clipped = (timm_m9 == 30).double().mean().item()
+    assert abs(clipped - 0.0228) < 0.01  # P(N(27, 1.5) >= 30) = P(z >= 2)
+    assert abs(timm_m9.mean().item() - 27) < 0.05 and 1.35 < timm_m9.std().item() < 1.5
+    assert len(set(timm_m9.tolist())) > 100  # fractional bins, interpolated between the table's
+    top = rotate_bins(magnitude=30, magnitude_std=1.5)
+    assert top.max() == 30 and abs((top == 30).double().mean().item() - 0.5) < 0.03
+    uniform = rotate_bins(magnitude=20, magnitude_std=float("inf"))
+    assert uniform.min() >= 0 and uniform.max() <= 20 and abs(uniform.mean().item() - 10) < 0.3
+
+
 # ---- random erasing -----------------------------------------------------------------------------
 
 def test_random_erase_probability_per_sample():
@@ -424,5 +442,11 @@ def test_bad_arguments_name_the_fix():
         DeviceAugment(num_classes=10, auto_augment="autoaug")
     with pytest.raises(ValueError, match="--random-erase"):
         DeviceAugment(num_classes=10, random_erase=1.5)
+    with pytest.raises(ValueError, match="--random-erase-mode 'noise'"):
+        DeviceAugment(num_classes=10, random_erase=0.2, erase_mode="noise")
+    with pytest.raises(ValueError, match="--ra-magnitude-std -1"):
+        DeviceAugment(num_classes=10, auto_augment="randaugment", randaugment_magnitude_std=-1.0)
+    with pytest.raises(ValueError, match="--ra-magnitude 31"):
+        DeviceAugment(num_classes=10, auto_augment="randaugment", randaugment_magnitude=31)
     with pytest.raises(ValueError, match="before normalising"):
         DeviceAugment(num_classes=10, auto_augment="imagenet").before_normalize(torch.zeros(2, 3, 8, 8), 0)

@@ -1,8 +1,9 @@
-"""model/: parity with torchvision, exact sizes, precision/layout/compile paths, pretrained loading.
+"""model/: parity with torchvision and timm, exact sizes, precision/layout/compile paths, pretrained loading.
 
     .venv/bin/python -m pytest -q tests/test_model.py            # ~1 min on 2 CPU cores
     RUN_SLOW=1 .venv/bin/python -m pytest -q tests/test_model.py # adds torch.compile with inductor
 """
+import math
 import os
 import re
 
@@ -108,6 +109,8 @@ def test_batchnorm_and_dropout_settings():
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.eps == 1e-3 and m.momentum == 0.01 for m in bns)
     assert [m.p for m in net.modules() if isinstance(m, nn.Dropout)] == [0.3]
+    net = create_model("mobilenetv3_small_100", bn_eps=1e-5)  # timm's
+    assert all(m.eps == 1e-5 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 # --- layouts, precision, compile -----------------------------------------------------------
@@ -199,7 +202,8 @@ def tv_large_file(tmp_path_factory):
 def test_load_pretrained_same_classes_gives_torchvision_logits(tv_large_file):
     net = create_model("mobilenetv3_large_100").eval()
     msg = load_pretrained(net, tv_large_file, num_classes=1000)
-    assert msg == f"loaded {len(net.state_dict())} tensors from {tv_large_file}"
+    assert msg == (f"loaded {len(net.state_dict())} tensors from {tv_large_file} "
+                   "(torchvision format, BatchNorm eps 0.001)")
     tv = torchvision.models.mobilenet_v3_large().eval()
     tv.load_state_dict(torch.load(tv_large_file, weights_only=True))
     with torch.no_grad():
@@ -212,8 +216,8 @@ def test_load_pretrained_other_class_count_reinitialises_only_the_classifier(tv_
     nn.init.constant_(net.classifier[3].weight, 5.0)  # stale values the loader must replace
     nn.init.constant_(net.classifier[3].bias, 5.0)
     msg = load_pretrained(net, tv_large_file, num_classes=10)
-    assert msg == (f"loaded {len(file_sd) - 2} tensors from {tv_large_file}; "
-                   "classifier re-initialised for 10 classes (file has 1000)")
+    assert msg == (f"loaded {len(file_sd) - 2} tensors from {tv_large_file} (torchvision format, "
+                   "BatchNorm eps 0.001); classifier re-initialised for 10 classes (file has 1000)")
     ours = net.state_dict()
     for k, v in file_sd.items():
         if not k.startswith("classifier.3."):
@@ -272,3 +276,140 @@ def test_report_prints_params_and_multiply_adds(capsys):
     assert params == sum(p.numel() for p in net.parameters())
     # MAdds scale with pixels in the conv layers, so 128 px costs about (128/224)^2 of 224 px.
     assert 0.3 < madds / count("mobilenetv3_small_100", 224, 10)[1] < 0.35
+
+
+# --- timm's weights and timm's stochastic depth ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def timm():
+    try:
+        import timm
+    except ModuleNotFoundError:
+        pytest.fail("timm is a test dependency: pip install -r requirements.txt")
+    return timm
+
+
+def timm_random(timm, name: str, seed: int, **kwargs) -> nn.Module:
+    """timm's own network (pretrained=False: nothing is downloaded) with random weights: non-zero
+    biases and BN affines, and BN statistics measured on random images, so logits are O(1) and
+    a 1e-5 comparison means something."""
+    torch.manual_seed(seed)
+    net = timm.create_model(name, pretrained=False, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    for pname, p in net.named_parameters():
+        if p.dim() == 1:  # biases (SE, head conv, classifier) and BN weight / bias
+            p.data = torch.randn(p.shape, generator=g) * 0.1 + (1.0 if pname.endswith("weight") else 0.0)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batch
+    with torch.no_grad():
+        net.train()(images(n=8, seed=seed + 100))
+    return net.eval()
+
+
+@pytest.fixture(scope="module", params=["mobilenetv3_large_100", "mobilenetv3_small_100"])
+def timm_file(request, timm, tmp_path_factory):
+    net = timm_random(timm, request.param, seed=4)
+    path = tmp_path_factory.mktemp("timm") / f"{request.param}.pth"
+    torch.save(net.state_dict(), path)
+    return request.param, net, path
+
+
+def test_timm_weights_load_and_give_timms_logits(timm_file):
+    name, theirs, path = timm_file
+    ours = create_model(name).eval()
+    msg = load_pretrained(ours, path, num_classes=1000)
+    assert msg == f"loaded {len(ours.state_dict())} tensors from {path} (timm format, BatchNorm eps 1e-05)"
+    assert all(m.eps == 1e-5 for m in ours.modules() if isinstance(m, nn.BatchNorm2d))
+    x = images()
+    with torch.no_grad():
+        expected = theirs(x)
+        diff = (ours(x) - expected).abs().max().item()
+        print(f"{name}: max |logit difference| vs timm {diff:.2e} (logits up to {expected.abs().max():.2f})")
+        assert diff < 1e-5
+        # The eps matters: with torchvision's 1e-3 the same weights give other logits.
+        load_pretrained(ours, path, num_classes=1000, bn_eps=1e-3)
+        assert (ours(x) - expected).abs().max().item() > 1e-4
+
+
+def test_timm_weights_in_safetensors_and_with_a_new_classifier(timm_file, tmp_path):
+    from safetensors.torch import save_file
+    name, theirs, _ = timm_file
+    path = tmp_path / "model.safetensors"  # the Hugging Face hub's file
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, path)
+    ours = create_model(name, num_classes=10)
+    msg = load_pretrained(ours, path, num_classes=10)
+    assert msg.endswith("(timm format, BatchNorm eps 1e-05); classifier re-initialised for 10 classes "
+                        "(file has 1000)")
+    assert torch.equal(ours.classifier[0].weight, theirs.conv_head.weight.flatten(1))
+    assert torch.equal(ours.features[0][0].weight, theirs.conv_stem.weight)
+
+
+def test_timm_file_of_another_network_names_the_file(timm, tmp_path):
+    path = tmp_path / "timm_small.pth"
+    torch.save(timm.create_model("mobilenetv3_small_100", pretrained=False).state_dict(), path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r" does not hold .*\(timm format\).*missing"):
+        load_pretrained(create_model("mobilenetv3_large_100"), path, num_classes=1000)
+    # A layer MobileNetV3 does not have is reported under timm's own name.
+    sd = torch.load(path, weights_only=True)
+    sd["blocks.1.0.conv_extra.weight"] = torch.zeros(1)
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"1 unexpected tensors \(e.g. blocks.1.0.conv_extra.weight\)"):
+        load_pretrained(create_model("mobilenetv3_small_100"), path, num_classes=1000)
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"not weights")
+    with pytest.raises(ValueError, match=re.escape(str(junk)) + ".*cannot read it as a safetensors file"):
+        load_pretrained(create_model("mobilenetv3_small_100"), junk, num_classes=1000)
+
+
+def _drop_probs(blocks) -> list[float]:
+    """Per block, the probability its residual branch is dropped in training (0: never)."""
+    out = []
+    for b in blocks:
+        dp = getattr(b, "drop_path", None)
+        has_skip = getattr(b, "has_skip", getattr(b, "use_residual", False))
+        p = getattr(dp, "drop_prob", getattr(dp, "p", 0.0)) if has_skip else 0.0
+        out.append(float(p))
+    return out
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_large_100", "mobilenetv3_small_100"])
+def test_drop_path_sits_where_timm_puts_it_and_drops_the_same_samples(timm, name, tmp_path):
+    theirs = timm_random(timm, name, seed=5, drop_path_rate=0.2)
+    torch.save(theirs.state_dict(), tmp_path / "timm.pth")
+    ours = create_model(name, dropout=0.0, drop_path=0.2)
+    load_pretrained(ours, tmp_path / "timm.pth", num_classes=1000)
+    timm_blocks = [b for stage in theirs.blocks for b in stage]
+    ours_blocks = list(ours.features)[1:]  # after the stem: the bnecks, then the last 1x1 conv
+    expected = _drop_probs(timm_blocks)
+    assert _drop_probs(ours_blocks) == pytest.approx(expected, abs=1e-12)
+    n = len(expected)  # timm counts the last 1x1 conv as a block: rate 0.2 * i / n on residual ones
+    assert n == (16 if "large" in name else 12) and max(expected) == pytest.approx(0.2 * (n - 2) / n)
+    # Train mode: the same seed drops the same samples in both (BN then uses batch statistics).
+    x = images(n=16, side_px=64)
+    theirs.train()
+    ours.train()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        t = theirs(x)
+        torch.manual_seed(7)
+        o = ours(x)
+        torch.manual_seed(8)
+        other = ours(x)
+    torch.testing.assert_close(o, t, rtol=1e-4, atol=1e-5)
+    assert (other - t).abs().max() > 1e-3  # the draws do change the output
+
+
+def test_drop_path_keeps_the_expectation_and_is_off_in_eval():
+    from model.mobilenetv3 import DropPath
+    x = torch.ones(20000, 2, 2, 2)
+    drop = DropPath(0.25).train()
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y[:, 0, 0, 0]
+    assert kept.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert abs((kept == 0).double().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 20000)
+    assert torch.equal(y, y[:, :1, :1, :1].expand_as(y))  # one draw per sample
+    assert drop.eval()(x) is x
+    with pytest.raises(ValueError, match="--drop-path 1.0"):
+        create_model("mobilenetv3_small_100", drop_path=1.0)
