@@ -6,6 +6,7 @@ from pathlib import Path
 
 from core.dataset import Dataset
 from core.errors import DatasetError
+from core.manifest import MANIFEST, describe, manifest_text
 
 
 def partial_path(final: Path) -> Path:
@@ -56,6 +57,15 @@ def publish(final_paths, out: Path, dataset: Dataset, bad: dict):
         os.replace(partial_path(final), final)
     if not skipped:
         (out / "skipped.txt").unlink(missing_ok=True)  # left by an earlier --skip-bad run
+
+
+def publish_with_manifest(final_paths, out: Path, dataset: Dataset, bad: dict, keep):
+    """publish(), with OUT/manifest.json describing the files written now (their partials) over the
+    old manifest's entries that `keep(name)` keeps."""
+    final_paths = list(final_paths)
+    described = {p.name: describe(partial_path(p)) for p in final_paths}
+    write_partial(out / MANIFEST, manifest_text(out, described, keep))
+    publish(final_paths + [out / MANIFEST], out, dataset, bad)
 
 
 def bad_files_error(bad: dict) -> DatasetError:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.cli import check_options, common_parser, default_workers, summarize
+from convert.cli import check_options, common_parser, default_workers, parse_with_preset, summarize
 from convert.images import JPEG_QUALITY, MAX_RES_PX, BadImage, load_image, worker_setup
 from convert.make_sample import ensure_sample
-from convert.publish import bad_files_error, partial_path, prepare_out, publish
+from convert.publish import bad_files_error, partial_path, prepare_out, publish_with_manifest
 from core.dataset import SPLITS, scan
 from core.errors import DatasetError, run_command
 from core.memory import PeakRSS
@@ -125,7 +125,7 @@ def convert(root=None, out=None, *, splits=SPLITS, max_res_px: int = MAX_RES_PX,
                 written[name] = len(split) - len(found)
             if any(bad.values()) and not skip_bad:
                 raise bad_files_error(bad)
-            publish(finals, out, dataset, bad)
+            publish_with_manifest(finals, out, dataset, bad, keep=lambda name: True)
     finally:
         # After a failure nothing half-written stays behind; after publish, a no-op.
         for final in finals + [out / f"{name}.bad" for name in dataset.splits]:
@@ -151,7 +151,7 @@ def build_parser():
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
+    a = parse_with_preset(build_parser(), argv)
     return convert(a.dataset, a.out, splits=a.splits, max_res_px=a.max_res_px, jpeg_quality=a.jpeg_quality,
                    write_mode=a.write_mode, compress_probability=a.compress_probability, workers=a.workers,
                    limit=a.limit, skip_bad=a.skip_bad)

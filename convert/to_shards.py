@@ -23,12 +23,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from convert.cli import check_options, common_parser, default_workers, summarize
+from convert.cli import check_options, common_parser, default_workers, parse_with_preset, summarize
 from convert.images import JPEG_QUALITY, MAX_RES_PX, BadImage, load_image, worker_setup
 from convert.make_sample import ensure_sample
-from convert.publish import bad_files_error, partial_path, prepare_out, publish
+from convert.publish import bad_files_error, partial_path, prepare_out, publish_with_manifest
 from core.dataset import SPLITS, scan
 from core.errors import DatasetError, run_command
+from core.manifest import crc32c, sample_crc_text
 from core.memory import PeakRSS
 
 TRAIN_ORDER_SEED = 0
@@ -63,7 +64,8 @@ class ShardWriter:
     """Tar shards of `shard_size` samples (as partial files) and their DALI index files.
 
     The index (format v1.2, as DALI's wds2idx writes it): a line `v1.2 <samples>`, then per sample
-    `<ext> <data offset> <size> <member name>` for each of its files, in tar order.
+    `<ext> <data offset> <size> <member name>` for each of its files, in tar order; beside it the
+    per-sample checksums (.crc, core/manifest.py).
     """
 
     def __init__(self, out: Path, split: str, shard_size: int):
@@ -73,23 +75,27 @@ class ShardWriter:
     def add(self, key: str, jpg: bytes, label: int):
         if self._tar is None or len(self._lines) == self.shard_size:
             self._close_shard()
-            tar_path = self.out / f"{self.split}-{len(self.finals) // 2:06d}.tar"
-            self.finals += [tar_path, tar_path.with_suffix(".idx")]
+            tar_path = self.out / f"{self.split}-{len(self.finals) // 3:06d}.tar"
+            self.finals += [tar_path, tar_path.with_suffix(".idx"), tar_path.with_suffix(".crc")]
             self._tar = tarfile.open(partial_path(tar_path), "w", format=tarfile.USTAR_FORMAT)
-            self._lines = []
-        entry = []
+            self._lines, self._crcs = [], []
+        entry, crcs = [], []
         for ext, data in (("jpg", jpg), ("cls", str(label).encode("ascii"))):
+            crcs.append(crc32c(data))
             info = tarfile.TarInfo(f"{key}.{ext}")  # mtime, owner 0: the same bytes on every run
             info.size, info.mode = len(data), 0o444
             self._tar.addfile(info, io.BytesIO(data))
             data_offset = self._tar.offset - -(-len(data) // TAR_BLOCK) * TAR_BLOCK
             entry += [ext, str(data_offset), str(len(data)), info.name]
         self._lines.append(" ".join(entry))
+        self._crcs.append(tuple(crcs))
 
     def _close_shard(self):
         if self._tar is not None:
             self._tar.close()
-            partial_path(self.finals[-1]).write_text(f"v1.2 {len(self._lines)}\n" + "\n".join(self._lines) + "\n")
+            tar_path, idx_path, crc_path = self.finals[-3:]
+            partial_path(idx_path).write_text(f"v1.2 {len(self._lines)}\n" + "\n".join(self._lines) + "\n")
+            partial_path(crc_path).write_text(sample_crc_text(self._crcs))
             self._tar = None
 
     def close(self) -> list[Path]:
@@ -141,9 +147,10 @@ def convert(root=None, out=None, *, splits=SPLITS, shard_size: int = SHARD_SIZE,
                 if n == 0:
                     raise DatasetError(f"none of the images in {root}/{name} can be decoded "
                                        f"(first: {bad[name][0][0]}: {bad[name][0][1]}): nothing to write")
-            publish(finals, out, dataset, bad)
+            publish_with_manifest(finals, out, dataset, bad,
+                                  keep=lambda n: not n.startswith(tuple(f"{s}-" for s in dataset.splits)))
             for name in dataset.splits:  # shards of an earlier, larger run would be read as part of this one
-                for stale in {*out.glob(f"{name}-[0-9]*.tar"), *out.glob(f"{name}-[0-9]*.idx")} - set(finals):
+                for stale in {p for ext in ("tar", "idx", "crc") for p in out.glob(f"{name}-[0-9]*.{ext}")} - set(finals):
                     stale.unlink()
     finally:
         for final in finals:  # after a failure nothing half-written stays behind; after publish, a no-op
@@ -162,7 +169,7 @@ def build_parser():
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
+    a = parse_with_preset(build_parser(), argv)
     return convert(a.dataset, a.out, splits=a.splits, shard_size=a.shard_size, max_res_px=a.max_res_px,
                    jpeg_quality=a.jpeg_quality, workers=a.workers, limit=a.limit, skip_bad=a.skip_bad)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from core.dataset import check_class_map, read_class_map
 from core.errors import DatasetError
+from core.manifest import crc32c, read_sample_crcs
 
 
 @dataclass
@@ -22,6 +23,11 @@ class Shards:
     @property
     def indexes(self) -> list[Path]:
         return [t.with_suffix(".idx") for t in self.tars]
+
+    @property
+    def checksums(self) -> list[Path]:
+        """Per-sample checksums beside each index (core/manifest.py); absent for older conversions."""
+        return [t.with_suffix(".crc") for t in self.tars]
 
     def count(self) -> int:
         """Samples in all shards: each index file starts with "v1.2 N"."""
@@ -40,6 +46,37 @@ class Shards:
                 fields = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
                 rows.append((t, *fields["jpg"], *fields["cls"]))
         return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+    def sample_names(self) -> list[str]:
+        """Each sample as a user finds it: "DATA/shards/train-000003.tar: 00000012_n01440764_13" (tar, key)."""
+        names = []
+        for tar, index in zip(self.tars, self.indexes):
+            for line in Path(index).read_text().splitlines()[1:]:
+                names.append(f"{tar}: {line.split()[3].rsplit('.', 1)[0]}")
+        return names
+
+    def sample_checksums(self) -> np.ndarray | None:
+        """N x 2 uint32 (.jpg, .cls) checksums in sample order, or None when a shard has none."""
+        if not all(p.exists() for p in self.checksums):
+            return None
+        return np.concatenate([read_sample_crcs(p) for p in self.checksums])
+
+
+def damaged_samples(tar: Path) -> list[str]:
+    """The samples of one shard whose bytes differ from the checksums beside its index, named as
+    sample_names() names them ([] when intact or when the shard has no .crc file)."""
+    shards = Shards(Path(tar).parent, [Path(tar)], classes=[])
+    crcs = shards.sample_checksums()
+    if crcs is None:
+        return []
+    rows, names, damaged = shards.samples(), shards.sample_names(), []
+    with open(tar, "rb") as f:
+        for row, (jpg_crc, cls_crc), name in zip(rows, crcs, names):
+            for (offset, size), expected, ext in (((row[1], row[2]), jpg_crc, "jpg"), ((row[3], row[4]), cls_crc, "cls")):
+                f.seek(offset)
+                if crc32c(f.read(size)) != expected:
+                    damaged.append(f"{name} ({ext} damaged)")
+    return damaged
 
 
 def find_shards(folder: Path, split: str, data: Path, required: bool = True) -> Shards | None:

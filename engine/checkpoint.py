@@ -1,6 +1,9 @@
-"""Checkpoints that survive a kill: written to a temporary name, then renamed over the old one."""
+"""Checkpoints that survive a kill: written to a temporary name, then renamed over the old one;
+which checkpoint a run continues from; and when to save one mid-epoch."""
 import os
 import random
+import re
+import time
 from pathlib import Path
 
 import torch
@@ -9,16 +12,31 @@ from core.errors import CheckpointError
 
 CHECKPOINT = "checkpoint.pth"
 BEST = "model_best.pth"
+# What makes two runs the same run: a checkpoint in OUTPUT_DIR that differs in any of these (or in
+# its classes) belongs to another run. Epochs may grow; workers, logging and paths may change.
+RUN_KEYS = ("arch", "batch_size", "image_size", "opt", "learning_rate", "momentum", "wd", "rmsprop_alpha",
+            "rmsprop_eps", "lr_scheduler", "lr_step_size", "lr_gamma", "warmup_epochs", "label_smoothing",
+            "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha", "dropout", "model_ema", "seed",
+            "pretrained", "bn_eps", "drop_path", "warmup_lr", "ra_magnitude_std", "random_erase_mode",
+            "min_res", "max_res", "start_ramp", "end_ramp")
 
 
 def save_atomic(obj: dict, path: Path):
+    """Write `obj` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+    A failed write (a full disk) leaves the previous file as it was and says why."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise CheckpointError(f"cannot write {path} ({reason}): the previous {path.name} is intact; free "
+                              f"space or pass another --output-dir") from None
 
 
 def load(path: Path) -> dict:
@@ -31,12 +49,69 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"--resume {path}: cannot load it as a checkpoint ({type(e).__name__}: {e})") from None
 
 
-def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """'auto' -> OUTPUT_DIR/checkpoint.pth when it exists (a fresh start otherwise)."""
-    if resume != "auto":
-        return Path(resume) if resume else None
-    path = Path(output_dir) / CHECKPOINT
-    return path if path.exists() else None
+def differences(saved: dict, config: dict, classes: list, saved_classes) -> list[str]:
+    """The RUN_KEYS (and classes) in which a checkpoint's run differs from this one, as 'key: A there, B here'."""
+    out = [f"{k}: {saved.get(k)!r} there, {config.get(k)!r} here" for k in RUN_KEYS if saved.get(k) != config.get(k)]
+    if saved_classes is not None and list(saved_classes) != list(classes):
+        out.append(f"classes: {len(saved_classes)} there, {len(classes)} here"
+                   + ("" if len(saved_classes) != len(classes) else " (other names)"))
+    return out
+
+
+def resolve_resume(resume: str | None, output_dir: Path, config: dict, classes: list,
+                   overwrite: bool = False) -> tuple[Path | None, dict | None]:
+    """(checkpoint path, its state) to continue from, or (None, None) for a fresh start.
+
+    An explicit path is loaded whatever run wrote it, but it must hold the same network (arch and
+    classes). 'auto' continues from OUTPUT_DIR/checkpoint.pth when that is this run's, so a
+    restarted command picks up where it stopped; another run's checkpoint or best weights there
+    are an error unless `overwrite`."""
+    output_dir = Path(output_dir)
+    if resume not in (None, "auto", ""):
+        state = load(resume)
+        changed = [d for d in differences(state.get("config") or {}, config, classes, state.get("classes"))
+                   if d.startswith(("arch:", "classes:"))]
+        if changed:
+            raise CheckpointError(f"--resume {resume}: it holds another network ({'; '.join(changed)}): resume "
+                                  f"with the same --arch and dataset, or start from its weights with --pretrained")
+        return Path(resume), state
+    existing = [p for p in (output_dir / CHECKPOINT, output_dir / BEST) if p.exists()]
+    if not existing or overwrite:
+        return None, None
+    path = output_dir / CHECKPOINT if (output_dir / CHECKPOINT).exists() else existing[0]
+    state = load(path)
+    changed = differences(state.get("config") or {}, config, classes, state.get("classes"))
+    if changed or path.name != CHECKPOINT:
+        why = "; ".join(changed) or f"no {CHECKPOINT} beside it"
+        raise CheckpointError(f"--output-dir {output_dir} holds another run's {path.name} ({why}): continue it "
+                              f"with --resume {path}, replace it with --overwrite, or pass another --output-dir")
+    return path, state
+
+
+class Interval:
+    """When to save a mid-epoch checkpoint: every N steps ('500') or every N minutes ('10min')."""
+
+    def __init__(self, every: str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(min|m|steps?|)\s*", str(every))
+        if not m:
+            raise CheckpointError(f"--checkpoint-every {every}: give steps ('500') or minutes ('10min'); "
+                                  f"0 turns it off")
+        value, unit = float(m.group(1)), m.group(2)
+        self.steps = int(value) if unit in ("", "step", "steps") else 0
+        self.seconds = 60 * value if unit in ("min", "m") else 0.0
+        self.restart()
+
+    def restart(self):
+        self.steps_since, self.since_s = 0, time.monotonic()
+
+    def due(self) -> bool:
+        """Called after each step: True (and a new interval) when a checkpoint is due."""
+        self.steps_since += 1
+        if (self.steps and self.steps_since >= self.steps) or (
+                self.seconds and time.monotonic() - self.since_s >= self.seconds):
+            self.restart()
+            return True
+        return False
 
 
 def rng_state() -> dict:

@@ -23,6 +23,7 @@ from convert import images
 from convert import to_ffcv, to_shards
 from core.dataset import scan
 from core.errors import DatasetError
+from core.manifest import read_manifest, size_problems
 from convert.make_sample import class_names, make_sample, render
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,7 +212,8 @@ def test_ffcv_loader_reads_back_every_image_and_label(messy, tmp_path):
     summary = to_ffcv.convert(messy, out, max_res_px=MAX_RES, workers=2, progress=False)
     assert summary["images"] == {"train": 15, "val": 6} and summary["skipped"] == {"train": 0, "val": 0}
     assert summary["ignored"] == {".txt": 2, ".DS_Store": 1}
-    assert sorted(os.listdir(out)) == ["classes.json", "train.beton", "val.beton"]
+    assert sorted(os.listdir(out)) == ["classes.json", "manifest.json", "train.beton", "val.beton"]
+    assert set(read_manifest(out)) == {"train.beton", "val.beton"} and size_problems(out) == []
     dataset = scan(messy)
     assert (out / "classes.json").read_text().strip() == '["n01440764", "n01450737", "n01460710"]'
 
@@ -278,8 +280,9 @@ def test_dali_reads_every_shard_sample(messy, tmp_path):
     summary = to_shards.convert(messy, out, shard_size=4, max_res_px=MAX_RES, workers=2, progress=False)
     assert summary["images"] == {"train": 15, "val": 6} and summary["ignored"] == {".txt": 2, ".DS_Store": 1}
     shards = {s: [f"{s}-{i:06d}" for i in range(n)] for s, n in (("train", 4), ("val", 2))}  # 15 = 4+4+4+3
-    assert sorted(os.listdir(out)) == sorted(["classes.json"] + [f"{b}.{e}" for bs in shards.values()
-                                                                 for b in bs for e in ("tar", "idx")])
+    written = [f"{b}.{e}" for bs in shards.values() for b in bs for e in ("tar", "idx", "crc")]
+    assert sorted(os.listdir(out)) == sorted(["classes.json", "manifest.json"] + written)
+    assert sorted(read_manifest(out)) == sorted(written) and size_problems(out) == []
     dataset = scan(messy)
     for name, bases in shards.items():
         for base in bases:  # our index is byte for byte what DALI's own wds2idx tool writes
@@ -298,6 +301,11 @@ def test_dali_reads_every_shard_sample(messy, tmp_path):
     before = _digest(out)
     to_shards.convert(messy, out, shard_size=4, max_res_px=MAX_RES, workers=1, progress=False)
     assert _digest(out) == before  # a rerun over complete output succeeds and writes the same bytes
+    to_shards.convert(messy, out, shard_size=8, max_res_px=MAX_RES, workers=1, progress=False)
+    left = sorted(p.name for p in out.glob("*-0*"))  # fewer, larger shards: no stale shard, index or checksums
+    assert left == sorted(f"{s}-{i:06d}.{e}" for s, n in (("train", 2), ("val", 1)) for i in range(n)
+                          for e in ("tar", "idx", "crc"))
+    assert sorted(read_manifest(out)) == left and size_problems(out) == []
     to_shards.convert(messy, out, shard_size=8, max_res_px=MAX_RES, progress=False)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
 
@@ -383,3 +391,16 @@ def test_sigkill_part_way_leaves_no_output_and_rerun_succeeds(kill_data, tmp_pat
     summary = TOOLS[tool].convert(kill_data, out, max_res_px=MAX_RES, progress=False)
     assert summary["images"] == {"train": 160, "val": 8}
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # the killed run's partials are gone
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_preset_sets_the_storage_defaults_and_a_flag_still_wins(tool):
+    from convert.cli import PRESETS, parse_with_preset
+    parser = TOOLS[tool].build_parser
+    fast = parse_with_preset(parser(), ["data", "--preset", "fast"])
+    assert (fast.max_res_px, fast.jpeg_quality) == (400, 90)
+    if tool == "to_ffcv":
+        assert (fast.write_mode, fast.compress_probability) == ("proportion", 0.5)
+    assert parse_with_preset(parser(), ["data", "--preset", "fast", "--max-resolution", "448"]).max_res_px == 448
+    default = parse_with_preset(parser(), ["data"])
+    assert default.max_res_px == PRESETS["accuracy"]["max_res_px"] == 512
