@@ -4,20 +4,30 @@ The contract, the same for every loader (tested once for all in tests/test_loade
 
     loader = build_loader("ffcv" | "dali" | "torchvision", split="train" | "val", data=ROOT,
                           batch_size=PER_DEVICE, workers=N, image_size=PX, seed=S,
-                          device=torch.device(...), rank=R, world_size=W, options={...})
+                          device=torch.device(...), rank=R, world_size=W, options={...},
+                          val_crop_ratio=0.875)
+    loader.set_resolution(px)         # the size of the next epoch's batches (image_size until set)
     loader.set_epoch(e)               # reshuffles reproducibly from (seed, e)
     len(loader)                       # batches per epoch on this rank
     for images, labels in loader:     # images: uint8 N x 3 x H x W, channels_last, on `device`
         x = normalize(images)         # labels: int64 N, on `device`
 
-- Train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) to image_size, horizontal flip p=0.5;
+- Train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) to S x S, horizontal flip p=0.5;
   each rank gets a disjoint part of the epoch's permutation and the same number of full batches
   (the last partial batch is dropped the same way everywhere, so DDP never waits on a rank).
-- Val: resize the shorter side to image_size / 0.875, center crop image_size. Across all ranks
+- Val: resize the shorter side to int(S / val_crop_ratio), center crop S x S. Across all ranks
   every image comes out exactly once: no padding, no dropped tail (ranks may differ by one batch,
   so evaluate with the bare model, not through DDP collectives).
+- S is `loader.resolution`: image_size until `set_resolution(px)` sets another, on either split.
+  Set it before iterating an epoch (a resolution schedule sets it before each set_epoch); an
+  epoch being iterated keeps its size. The loader keeps no history: a resumed run sets the
+  epoch's size again from its schedule and gets that epoch's order at that size (torchvision:
+  its crops too, bitwise). Each loader sets it its own way: FFCV the decoder's output size, DALI
+  a new pipeline when the size changes, torchvision the sampler's keys (its persistent workers
+  hold their own copy of the dataset).
 - Labels follow the converter's classes.json (the ImageFolder order); a dataset whose class
   folders disagree with it is an error rather than a silent shift of labels.
+- A batch is valid until the next few are drawn (FFCV refills its buffers): clone what you keep.
 - Normalisation (ImageNet mean/std) is not the loader's job: `normalize` runs on the device.
 - Attributes: `classes` (names in label order), `num_samples` (images this rank yields per epoch),
   `first_batch_s` (wall seconds to the first batch of the latest epoch: worker start, JIT).

@@ -13,7 +13,7 @@ from core.shards import Shards, find_shards
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VAL_CROP_RATIO = 0.875  # val: shorter side to size / 0.875, then center crop (224 <- 256)
+VAL_CROP_RATIO = 0.875  # the default val crop: shorter side to size / 0.875, then center crop (224 <- 256)
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 
@@ -25,7 +25,8 @@ class LoaderSpec:
     data: Path
     batch_size: int  # per device
     workers: int = 2
-    image_size: int = 224
+    image_size: int = 224  # px at the start; loader.set_resolution(px) changes it per epoch
+    val_crop_ratio: float = VAL_CROP_RATIO  # val: the center crop's side / the resized shorter side
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rank: int = 0
@@ -39,10 +40,26 @@ class LoaderSpec:
             raise LoaderError(f"split must be 'train' or 'val', not {self.split!r}")
         if self.batch_size < 1:
             raise LoaderError(f"batch size per device must be >= 1, got {self.batch_size}")
+        self.image_size = check_resolution(self.image_size, "--image-size")
+        if not 0 < self.val_crop_ratio <= 1:
+            raise LoaderError(f"--val-crop-ratio {self.val_crop_ratio}: use a fraction in (0, 1], the crop's "
+                              f"share of the resized shorter side (0.875: 224 px from 256)")
 
     @property
     def train(self) -> bool:
         return self.split == "train"
+
+
+def check_resolution(px, what: str = "set_resolution") -> int:
+    """`px` as an int, or a LoaderError naming `what` set it."""
+    if isinstance(px, bool) or int(px) != px or px < 1:
+        raise LoaderError(f"{what} {px!r}: a resolution is a whole number of pixels, at least 1")
+    return int(px)
+
+
+def val_resize_px(size_px: int, crop_ratio: float) -> int:
+    """Val: the shorter side is resized to this, then the center size_px square is cut (256 -> 224)."""
+    return int(size_px / crop_ratio)
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -16,8 +16,10 @@ seeded from (seed, epoch, rank), is built on the first epoch, when set_epoch doe
 last epoch read to its end (a repeat, a resume, an epoch broken off), and every epoch when
 reading the ImageFolder: the file reader cannot reshuffle, so each epoch gets its own full
 permutation. So an uninterrupted run and a resumed one see the same images per epoch but not in
-the same order. Val: DALI's own sharding (contiguous, disjoint), pad_last_batch, and the
-iterator's PARTIAL policy drop the padding, so each image is counted once.
+the same order. The output size is part of the graph: after set_resolution to another size, the
+next epoch gets a new pipeline (feeding the size in as an input instead would leave the batches
+already prefetched at the old size). Val: DALI's own sharding (contiguous, disjoint),
+pad_last_batch, and the iterator's PARTIAL policy drop the padding, so each image is counted once.
 """
 import numpy as np
 import torch
@@ -26,8 +28,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from core.dataset import split_index
 from core.errors import LoaderError
-from loaders.common import (RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, num_batches, timed_epoch,
-                            to_device, use_shards)
+from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, num_batches, timed_epoch,
+                            to_device, use_shards, val_resize_px)
 
 MAX_LABEL_DIGITS = 8  # .cls holds the label as ASCII decimal
 
@@ -62,15 +64,19 @@ class DALILoader:
             self.labels = np.asarray(index.labels, dtype=np.int32)
             self.total = len(self.paths)
         self.epoch = 0
+        self.resolution = spec.image_size
         self.first_batch_s = None
         self.num_samples = len(self) * spec.batch_size if spec.train else self._val_shard_size()
-        self._val_iterator = None
+        self._val_iterator, self._val_px = None, None  # the val pipeline's iterator and its size
         self._stream = None  # the live train pipeline's endless iterator
-        self._stream_next_epoch = None  # the epoch it can serve next; None: build a new one
+        self._stream_serves = None  # (epoch, px) it can serve next; None: build a new one
         self.builds = 0  # train pipelines built so far (one per run when reading the shards)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
+
+    def set_resolution(self, px: int):
+        self.resolution = check_resolution(px)  # the next epoch's pipeline is built at it
 
     def __len__(self):
         if self.spec.train:
@@ -106,7 +112,7 @@ class DALILoader:
 
     def _pipeline(self, shard_id: int):
         spec = self.spec
-        size = spec.image_size
+        size = self.resolution
         device_id = (spec.device.index or 0) if self.decode == "mixed" else None
 
         @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, spec.workers), device_id=device_id,
@@ -123,7 +129,7 @@ class DALILoader:
                 images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
             else:
                 images = fn.decoders.image(jpegs, device=self.decode, output_type=types.RGB)
-                images = fn.resize(images, resize_shorter=int(size / VAL_CROP_RATIO),
+                images = fn.resize(images, resize_shorter=val_resize_px(size, spec.val_crop_ratio),
                                    interp_type=types.INTERP_LINEAR, antialias=True)
                 images = fn.crop(images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5)
             return images, labels
@@ -131,31 +137,34 @@ class DALILoader:
         return pipe()
 
     def _val_batches(self):
-        if self._val_iterator is None:
+        if self._val_px != self.resolution:
+            self._val_iterator = None  # release the old pipeline before building
             pipe = self._pipeline(self.spec.rank)
             pipe.build()
             self._val_iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
                                                      auto_reset=True, last_batch_policy=LastBatchPolicy.PARTIAL)
+            self._val_px = self.resolution
         return self._val_iterator
 
     def _train_stream(self):
-        """The endless iterator for this epoch: the live one when it just finished the previous epoch
-        and reads the shards, else a new pipeline starting at shard (rank + epoch) % world, the
-        rotation DistributedSampler's permutation gives and the reader keeps up at each of its epochs."""
-        if not (self.use_shards and self._stream is not None and self._stream_next_epoch == self.epoch):
+        """The endless iterator for this epoch: the live one when it just finished the previous epoch,
+        reads the shards and makes this epoch's size, else a new pipeline starting at shard
+        (rank + epoch) % world, the rotation DistributedSampler's permutation gives and the reader
+        keeps up at each of its epochs."""
+        if not (self.use_shards and self._stream_serves == (self.epoch, self.resolution)):
             self._stream = None  # release the old pipeline's threads and buffers before building
             pipe = self._pipeline((self.spec.rank + self.epoch) % self.spec.world_size)
             pipe.build()
             self._stream = iter(DALIGenericIterator(pipe, ["images", "labels"], size=-1))
             self.builds += 1
-        self._stream_next_epoch = None  # until this epoch is read to its end
+        self._stream_serves = None  # until this epoch is read to its end
         return self._stream
 
     def _train_batches(self):
         stream = self._train_stream()
         for _ in range(len(self)):
             yield next(stream)
-        self._stream_next_epoch = self.epoch + 1
+        self._stream_serves = (self.epoch + 1, self.resolution)
 
     def _batches(self):
         for batch in (self._train_batches() if self.spec.train else self._val_batches()):

@@ -2,9 +2,16 @@
 
 Decoding, RandomResizedCrop / CenterCrop and flipping run in FFCV's JIT-compiled threads. The
 first epoch pays numba's compile: `first_batch_s` carries it so the trainer logs it apart from
-the img/s figure. Options: os_cache (bool, default True: the OS page cache holds the file, best
-when the dataset fits in RAM), order ("random" | "quasi_random"; quasi_random only on one rank),
-beton_dir (where the .beton files are; default DATA/ffcv).
+the img/s figure.
+
+set_resolution sets the decoder's output size, as ffcv-imagenet's progressive resizing does.
+That needs no recompile in FFCV 1.0.2: each epoch's iterator allocates its buffers from the
+decoders' declared sizes (Graph.allocate_memory), and the compiled code takes every size from
+those buffers.
+
+Options: os_cache (bool, default True: the OS page cache holds the file, best when the dataset
+fits in RAM), order ("random" | "quasi_random"; quasi_random only on one rank), beton_dir (where
+the .beton files are; default DATA/ffcv).
 """
 import os
 from pathlib import Path
@@ -18,7 +25,7 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 
 from core.dataset import check_class_map, read_class_map
 from core.errors import LoaderError
-from loaders.common import RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, timed_epoch
+from loaders.common import RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, timed_epoch
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}
 
@@ -42,10 +49,11 @@ class FFCVLoader:
         self.classes = check_class_map(read_class_map(class_map), spec.data / spec.split, class_map)
         size = (spec.image_size, spec.image_size)
         if spec.train:
-            decoder = RandomResizedCropRGBImageDecoder(size, scale=RRC_SCALE, ratio=RRC_RATIO)
-            image_ops = [decoder, RandomHorizontalFlip()]
+            self.decoder = RandomResizedCropRGBImageDecoder(size, scale=RRC_SCALE, ratio=RRC_RATIO)
+            image_ops = [self.decoder, RandomHorizontalFlip()]
         else:
-            image_ops = [CenterCropRGBImageDecoder(size, ratio=VAL_CROP_RATIO)]
+            self.decoder = CenterCropRGBImageDecoder(size, ratio=spec.val_crop_ratio)
+            image_ops = [self.decoder]
         on_device = [] if spec.device.type == "cpu" else [ToDevice(spec.device, non_blocking=True)]
         # ToTorchImage after ToDevice: the N x H x W x C buffer is permuted into a channels_last view
         image_ops += [ToTensor(), *on_device, ToTorchImage(channels_last=True)]
@@ -77,6 +85,15 @@ class FFCVLoader:
     def _count(path: Path) -> int:
         from ffcv.reader import Reader
         return Reader(str(path)).num_samples
+
+    @property
+    def resolution(self) -> int:
+        return self.decoder.output_size[0]
+
+    def set_resolution(self, px: int):
+        # Read when the next epoch's iterator allocates its buffers (Graph.allocate_memory).
+        px = check_resolution(px)
+        self.decoder.output_size = (px, px)
 
     def set_epoch(self, epoch: int):
         # FFCV draws epoch e's order from seed + e (DistributedSampler.set_epoch when distributed).

@@ -44,9 +44,13 @@ class DALIOptions:
 class TorchvisionOptions:
     shards_dir: str | None = None  # default DATA/shards
     source: str = "auto"  # shards when present, else the ImageFolder
+    # shard samples failing their checksum that are left out (and counted) before the loader stops
+    max_bad_samples: int = field(default=0, metadata={"flag": "max_bad_samples"})
 
     def __post_init__(self):
         _choice("source", self.source, SOURCES)
+        if self.max_bad_samples < 0:
+            raise LoaderError(f"--max-bad-samples {self.max_bad_samples}: use 0 (stop at the first) or more")
 
 
 def make_options(name: str, cls, options: dict):

@@ -5,6 +5,8 @@ Decodes with libjpeg-turbo through torchvision.io (PNG, CMYK and grayscale come 
 with transforms v2 on uint8 tensors (no PIL round trip), and batches in DataLoader workers that
 persist across epochs. Augmentation is seeded per sample from (seed, epoch, index), so it does not
 depend on which worker drew the sample: a resumed run sees the same crops as an unbroken one.
+The output size travels with each sample's key from the sampler, because the persistent workers
+hold their own copies of the dataset: set_resolution changes what the next epoch's keys carry.
 """
 import numpy as np
 import torch
@@ -13,8 +15,10 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from core.dataset import split_index
-from loaders.common import (RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO, LoaderSpec, epoch_indices,
-                            num_batches, pin_if_useful, timed_epoch, to_device, use_shards)
+from core.errors import LoaderError
+from core.manifest import crc32c
+from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, epoch_indices, num_batches,
+                            pin_if_useful, timed_epoch, to_device, use_shards, val_resize_px)
 
 
 class _RandomResizedCropFlip:
@@ -25,39 +29,58 @@ class _RandomResizedCropFlip:
     into channels_last batches cost 0.26 ms/image, a seventh of the worker's time."""
 
     def __init__(self, size: int):
-        self.size = size
+        self.size = size  # px when the call names none
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        size = size or self.size
         top, left, h, w = v2.RandomResizedCrop.get_params(image, scale=list(RRC_SCALE), ratio=list(RRC_RATIO))
         crop = image[:, top:top + h, left:left + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
-        out = v2.functional.resize(crop, [self.size, self.size], antialias=True)
+        out = v2.functional.resize(crop, [size, size], antialias=True)
         if torch.rand(1) < 0.5:
             out = out.flip(-1)
         return out[0]
 
 
+class _ResizeCenterCrop:
+    """v2.Resize(shorter side to size / crop_ratio) + v2.CenterCrop(size), at the size of each call."""
+
+    def __init__(self, size: int, crop_ratio: float):
+        self.size, self.crop_ratio = size, crop_ratio  # px when the call names none
+
+    def __call__(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        size = size or self.size
+        resized = v2.functional.resize(image, [val_resize_px(size, self.crop_ratio)], antialias=True)
+        return v2.functional.center_crop(resized, [size])
+
+
 def transforms_for(spec: LoaderSpec):
-    """uint8 C x H x W in (the decoder's H x W x C memory), uint8 C x S x S out."""
+    """`transform(image, size=spec.image_size)`: uint8 C x H x W in (the decoder's H x W x C
+    memory), uint8 C x size x size out."""
     if spec.train:
         return _RandomResizedCropFlip(spec.image_size)
-    return v2.Compose([v2.Resize(int(spec.image_size / VAL_CROP_RATIO), antialias=True),
-                       v2.CenterCrop(spec.image_size)])
+    return _ResizeCenterCrop(spec.image_size, spec.val_crop_ratio)
 
 
 class _Images(Dataset):
-    """Item key (index, epoch) -> (uint8 3 x S x S image, label)."""
+    """Item key (index, epoch, size) -> (uint8 3 x size x size image, label), or (None, index) for
+    a sample whose bytes fail their checksum (the batch leaves it out and the loader counts it)."""
 
     def __init__(self, transform, seed: int):
         self.transform, self.seed = transform, seed
 
     def __getitem__(self, key):
-        index, epoch = key
+        index, epoch, size = key
         data, label = self.read(index)
-        image = decode_image(data, mode=ImageReadMode.RGB)
+        if data is None:
+            return None, index
+        try:
+            image = decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:  # name the sample: the trainer's message carries this line
+            raise LoaderError(f"{self.name(index)}: cannot decode it ({str(e).strip()})") from None
         # The CPU generator alone: torch.manual_seed also queues seeds for every accelerator
         # backend, ~80x the cost, paid per image.
         torch.default_generator.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
-        return self.transform(image), label
+        return self.transform(image, size), label
 
 
 class _FolderImages(_Images):
@@ -71,6 +94,9 @@ class _FolderImages(_Images):
     def read(self, index):
         return read_file(str(self.paths[index])), self.labels[index]
 
+    def name(self, index) -> str:
+        return str(self.paths[index])
+
 
 class _ShardImages(_Images):
     """Seeks straight to a sample's bytes inside its tar, by the DALI index's offsets."""
@@ -79,6 +105,8 @@ class _ShardImages(_Images):
         super().__init__(transform, seed)
         self.tars = [str(t) for t in shards.tars]
         self.rows = shards.samples()  # tar, jpg offset, jpg size, cls offset, cls size
+        self.crcs = shards.sample_checksums()  # None for shards written before checksums existed
+        self.shards, self.names = shards, None
         self.files = {}  # per worker process: open tar files
 
     def __len__(self):
@@ -90,20 +118,30 @@ class _ShardImages(_Images):
         f.seek(jpg_at)
         jpg = f.read(jpg_size)
         f.seek(cls_at)
-        return torch.frombuffer(bytearray(jpg), dtype=torch.uint8), int(f.read(cls_size))
+        cls = f.read(cls_size)
+        if self.crcs is not None and (crc32c(jpg), crc32c(cls)) != tuple(self.crcs[index]):
+            return None, None
+        return torch.frombuffer(bytearray(jpg), dtype=torch.uint8), int(cls)
+
+    def name(self, index) -> str:
+        if self.names is None:  # read from the index files only when a sample needs naming
+            self.names = self.shards.sample_names()
+        return self.names[index]
 
     def __getstate__(self):  # workers open their own file handles
         return {**self.__dict__, "files": {}}
 
 
 class _EpochSampler(Sampler):
-    """Yields (index, epoch) for this rank's part of the epoch (see common.epoch_indices)."""
+    """Yields (index, epoch, size) for this rank's part of the epoch (see common.epoch_indices):
+    the key tells the worker that serves it the epoch's size."""
 
     def __init__(self, num_samples: int, spec: LoaderSpec):
-        self.num_samples, self.spec, self.epoch = num_samples, spec, 0
+        self.num_samples, self.spec, self.epoch, self.size = num_samples, spec, 0, spec.image_size
 
     def __iter__(self):
-        return ((int(i), self.epoch) for i in epoch_indices(self.num_samples, self.spec, self.epoch))
+        epoch, size = self.epoch, self.size  # fixed for the whole epoch, whatever is set meanwhile
+        return ((int(i), epoch, size) for i in epoch_indices(self.num_samples, self.spec, epoch))
 
     def __len__(self):
         return len(epoch_indices(self.num_samples, self.spec, self.epoch))
@@ -112,13 +150,18 @@ class _EpochSampler(Sampler):
 def _collate(items):
     """Stack straight into an N x H x W x C buffer (in shared memory inside a worker): one copy,
     and its N x C x H x W view is channels_last. Stacking then converting copied twice more and
-    grew each worker's heap by ~1 GB at 224 px."""
+    grew each worker's heap by ~1 GB at 224 px. Damaged samples are left out; their indices come
+    third."""
+    damaged = [index for image, index in items if image is None]
+    items = [item for item in items if item[0] is not None]
+    if not items:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), damaged
     c, h, w = items[0][0].shape
     out = torch.empty((len(items), h, w, c), dtype=torch.uint8)
     if get_worker_info() is not None:
         out.share_memory_()
     torch.stack([image.permute(1, 2, 0) for image, _ in items], out=out)
-    return out.permute(0, 3, 1, 2), torch.tensor([label for _, label in items], dtype=torch.int64)
+    return out.permute(0, 3, 1, 2), torch.tensor([label for _, label in items], dtype=torch.int64), damaged
 
 
 class TorchvisionLoader:
@@ -143,16 +186,40 @@ class TorchvisionLoader:
             generator=torch.Generator().manual_seed(spec.seed))
         self.num_samples = len(self.sampler)
         self.first_batch_s = None
+        self.bad_samples = []  # names of the damaged samples left out so far (shards with checksums)
 
     def set_epoch(self, epoch: int):
         self.sampler.epoch = epoch
+
+    @property
+    def resolution(self) -> int:
+        return self.sampler.size
+
+    def set_resolution(self, px: int):
+        self.sampler.size = check_resolution(px)
 
     def __len__(self):
         return num_batches(len(self.dataset), self.spec)
 
     def __iter__(self):
-        device = self.spec.device
-        return timed_epoch(self, (to_device(images, labels, device) for images, labels in self.dataloader))
+        return timed_epoch(self, self._batches())
+
+    def _batches(self):
+        for images, labels, damaged in self.dataloader:
+            if damaged:
+                self._skip(damaged)
+            if len(labels):
+                yield to_device(images, labels, self.spec.device)
+
+    def _skip(self, damaged: list[int]):
+        """Count damaged samples; past --max-bad-samples, stop naming the one that went over."""
+        for index in damaged:
+            self.bad_samples.append(self.dataset.name(index))
+            if len(self.bad_samples) > self.spec.options.max_bad_samples:
+                raise LoaderError(f"{self.bad_samples[-1]}: the sample's bytes differ from the converter's "
+                                  f"checksum ({len(self.bad_samples)} damaged so far; --max-bad-samples "
+                                  f"{self.spec.options.max_bad_samples}): run `python convert/verify.py "
+                                  f"{self.spec.data}` to list them, re-convert, or allow skipping more")
 
 
 def build(spec: LoaderSpec) -> TorchvisionLoader:

@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from convert.make_sample import make_sample
-from core.errors import UserError
+from core.dataset import split_index
+from core.errors import LoaderError, UserError
 from loaders import LOADERS, build_loader
-from loaders.common import RRC_RATIO, RRC_SCALE
+from loaders.common import RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO
 
 NAMES = list(LOADERS)
 # Every loader, and each source it can read: the contract holds for all of them.
@@ -42,11 +43,13 @@ def dataset(tmp_path_factory) -> Path:
     return _convert(root)
 
 
-def _build(variant, root, split, batch_size=4, rank=0, world_size=1, size=SIZE_PX, **kw):
+def _build(variant, root, split, batch_size=4, rank=0, world_size=1, size=SIZE_PX, workers=2,
+           val_crop_ratio=VAL_CROP_RATIO, **kw):
     name, options = VARIANTS.get(variant, (variant, {}))
     kw = {**options, **kw}
-    return build_loader(name, split=split, data=root, batch_size=batch_size, workers=2, image_size=size,
-                        seed=kw.pop("seed", 0), rank=rank, world_size=world_size, options=kw)
+    return build_loader(name, split=split, data=root, batch_size=batch_size, workers=workers, image_size=size,
+                        val_crop_ratio=val_crop_ratio, seed=kw.pop("seed", 0), rank=rank,
+                        world_size=world_size, options=kw)
 
 
 def _folder_histogram(root: Path, split: str) -> dict:
@@ -64,7 +67,12 @@ def _collect(loader):
 
 
 def _val_images(loader) -> torch.Tensor:
-    return torch.cat([images for images, _ in loader])
+    return torch.cat([images for images, _ in _epoch(loader)])
+
+
+def _epoch(loader) -> list:
+    """One epoch's batches, copied: FFCV refills its buffers with later batches."""
+    return [(images.clone(), labels.clone()) for images, labels in loader]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -98,21 +106,106 @@ def test_train_batches_are_full_and_the_epoch_order_is_reproducible(dataset, nam
     assert loader.first_batch_s is not None and loader.first_batch_s >= 0
 
 
-@pytest.mark.parametrize("variant, builds", [("dali-shards", 1), ("dali-folder", 3)])
-def test_dali_keeps_one_pipeline_over_consecutive_epochs_of_the_shards(dataset, variant, builds):
+@pytest.mark.parametrize("variant, per_epoch", [("dali-shards", False), ("dali-folder", True)])
+def test_dali_keeps_one_pipeline_over_consecutive_epochs_of_the_shards(dataset, variant, per_epoch):
     """A DALI pipeline costs ~0.5 s to build and tear down: reading the shards, one serves a run's
-    consecutive epochs (the folder reader cannot reshuffle, so it gets a new one per epoch), and
-    each epoch of the stream is still one full pass over the data."""
+    consecutive epochs at one size (the folder reader cannot reshuffle, so it gets a new one per
+    epoch), and each epoch of the stream is still one full pass over the data."""
     loader = _build(variant, dataset, "train")
     histograms = []
-    for epoch in range(3):
+    for epoch, px in enumerate((SIZE_PX, SIZE_PX, SIZE_PX, 48, 48)):
+        loader.set_resolution(px)  # the size is part of the graph: 48 needs a new pipeline, once
         loader.set_epoch(epoch)
-        histograms.append(collections.Counter(int(label) for _, labels in loader for label in labels))
-    assert loader.builds == builds
-    assert histograms == [collections.Counter(_folder_histogram(dataset, "train"))] * 3
+        batches = _epoch(loader)
+        assert {tuple(images.shape[1:]) for images, _ in batches} == {(3, px, px)}
+        histograms.append(collections.Counter(int(label) for _, labels in batches for label in labels))
+        assert loader.builds == (epoch + 1 if per_epoch else 1 + (px == 48))
+    assert histograms == [collections.Counter(_folder_histogram(dataset, "train"))] * 5
     loader.set_epoch(1)  # a repeat (or a resume) starts a new pipeline seeded for that epoch
     list(loader)
-    assert loader.builds == builds + 1
+    assert loader.builds == (6 if per_epoch else 3)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_set_resolution_sizes_the_next_epochs_train_batches(dataset, name):
+    """A resolution schedule's steps, 48 px then back to 32: each epoch comes out at its own size
+    and is still one full pass over the data."""
+    loader = _build(name, dataset, "train")
+    assert loader.resolution == SIZE_PX
+    for epoch, px in enumerate((48, SIZE_PX)):
+        loader.set_resolution(px)
+        loader.set_epoch(epoch)
+        batches = _epoch(loader)
+        assert loader.resolution == px
+        assert {tuple(images.shape[1:]) for images, _ in batches} == {(3, px, px)}
+        assert all(images.is_contiguous(memory_format=torch.channels_last) for images, _ in batches)
+        assert collections.Counter(int(label) for _, labels in batches for label in labels) == \
+            collections.Counter(_folder_histogram(dataset, "train"))
+
+
+@pytest.mark.parametrize("variant", ["torchvision-shards", "torchvision-folder"])
+def test_torchvision_resolution_reaches_its_persistent_workers(dataset, variant):
+    """The workers persist across epochs with their own copy of the dataset: the size must come to
+    them with the sampler's keys. The batches equal those of a loader built at that size without
+    workers, bit for bit (crops seeded per (seed, epoch, index), whatever the worker)."""
+    loader = _build(variant, dataset, "train")
+    list(loader)
+    pids = [w.pid for w in loader.dataloader._iterator._workers]
+    loader.set_resolution(48)
+    loader.set_epoch(1)
+    got = _epoch(loader)
+    assert [w.pid for w in loader.dataloader._iterator._workers] == pids  # the same workers served it
+    fresh = _build(variant, dataset, "train", size=48, workers=0)
+    fresh.set_epoch(1)
+    expected = _epoch(fresh)
+    assert len(got) == len(expected) == 6
+    for (images, labels), (want_images, want_labels) in zip(got, expected):
+        assert images.shape[-1] == 48 and torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+def _reference_val_crop(path: Path, size: int, crop_ratio: float) -> torch.Tensor:
+    """PIL on the original file: shorter side to int(size / crop_ratio) (antialiased bilinear), then
+    the centre size x size."""
+    image = Image.open(path).convert("RGB")
+    scale = int(size / crop_ratio) / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), Image.BILINEAR)
+    left, top = round((w - size) / 2), round((h - size) / 2)
+    return torch.from_numpy(np.array(image.crop((left, top, left + size, top + size)))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_val_resolution_and_crop_ratio_give_the_reference_center_crop(dataset, name):
+    """Val at another crop ratio, its size set after an epoch at the built one: the same pixels as
+    a loader built at that size, and (on 16 px cells, as below) as PIL's resize + centre crop."""
+    size, ratio = 128, 0.6
+    loader = _build(name, dataset, "val", val_crop_ratio=ratio)
+    assert _val_images(loader).shape == (15, 3, SIZE_PX, SIZE_PX)
+    loader.set_resolution(size)
+    images = _val_images(loader)
+    assert images.shape == (15, 3, size, size)
+    assert torch.equal(images, _val_images(_build(name, dataset, "val", size=size, val_crop_ratio=ratio)))
+    blur = torch.nn.AvgPool2d(16)
+    paths = split_index(dataset, "val").paths
+    reference = blur(torch.stack([_reference_val_crop(p, size, ratio) for p in paths]).to(torch.float32))
+    per_image = (blur(images.to(torch.float32)) - reference).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 3.0, per_image
+    # The tolerance tells the ratios apart: the default one's crops are far from these.
+    default = blur(torch.stack([_reference_val_crop(p, size, VAL_CROP_RATIO) for p in paths]).to(torch.float32))
+    assert (default - reference).abs().mean(dim=(1, 2, 3)).min() > 3.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_bad_crop_ratio_or_resolution_names_the_flag(dataset, name):
+    for ratio in (0, -0.5, 1.2):
+        with pytest.raises(LoaderError, match=f"--val-crop-ratio {ratio}"):
+            _build(name, dataset, "val", val_crop_ratio=ratio)
+    with pytest.raises(LoaderError, match="--image-size 0"):
+        _build(name, dataset, "val", size=0)
+    loader = _build(name, dataset, "val", val_crop_ratio=1.0)  # the whole shorter side: allowed
+    with pytest.raises(LoaderError, match="set_resolution 0"):
+        loader.set_resolution(0)
+    assert loader.resolution == SIZE_PX
 
 
 def test_the_same_val_image_comes_out_of_every_loader_nearly_the_same(dataset):
@@ -217,7 +310,8 @@ def _reference_areas(h, w, n, seed=0):
 def test_train_crops_follow_the_random_resized_crop_distribution(coordinate_dataset, name):
     loader = _build(name, coordinate_dataset, "train", batch_size=8, size=48)
     areas, aspects, flips = [], [], []
-    for epoch in range(4):
+    for epoch, px in enumerate((48, 32, 48, 32)):  # and after each change of resolution
+        loader.set_resolution(px)
         loader.set_epoch(epoch)
         for images, _ in loader:
             a, r, f = _boxes(images, 240, 320)
