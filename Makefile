@@ -19,7 +19,7 @@ $(STAMP): requirements.txt pyproject.toml scripts/setup_system.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) train.py --config configs/sample_cpu.yaml
+	$(PY) train.py --config configs/sample_cpu.yaml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -15,17 +15,23 @@ import torch
 import torch.distributed as dist
 
 from convert.make_sample import default_sample_dir, ensure_sample
-from core.errors import CheckpointError, ConfigError, DatasetError, TrainingDiverged, run_command
+from core.dataset import CONVERTED_DIRS
+from core.errors import CheckpointError, ConfigError, DatasetError, LoaderError, TrainingDiverged, run_command
+from core.manifest import MANIFEST, size_problems
 from engine import checkpoint as ckpt
 from engine import distributed
-from engine.config import optimizer_config, parse_config, schedule_config, to_dict
+from engine.config import optimizer_config, parse_config, resolution_schedule, schedule_config, to_dict
+from engine.faults import LoaderFailed
 from engine.loop import EpochPlan, evaluate, train_one_epoch
-from engine.metrics import append_jsonl, hardware, plot_history, read_jsonl, write_json_atomic
+from engine.metrics import (append_jsonl, hardware, keep_jsonl, per_class_report, plot_history, read_jsonl,
+                            write_json_atomic)
 from engine.optim import build_optimizer
 from engine.precision import Precision
 from engine.step import DeviceInput, TrainStep
+from engine.tensorboard import ScalarWriter
 from loaders import build_loader, loader_options
 from model import create_model, load_pretrained
+from model.mobilenetv3 import set_bn_eps
 
 
 def prepare_data(args, runtime) -> Path:
@@ -43,25 +49,59 @@ def prepare_data(args, runtime) -> Path:
     return default_sample_dir()
 
 
-def build_loaders(args, data: Path, runtime, per_device: int):
-    common = dict(data=data, workers=args.workers, image_size=args.image_size, seed=args.seed,
-                  device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
-                  options=loader_options(args.loader, args), batch_size=per_device)
-    val = build_loader(args.loader, split="val", **common)
-    train = None if args.evaluate else build_loader(args.loader, split="train", **common)
+def check_data(args, data: Path, log):
+    """Converted files against their converters' manifests: sizes always (cheap), every byte with
+    --verify-data. Damaged data stops the run before it trains on it."""
+    folders = [data / sub for sub in CONVERTED_DIRS if (data / sub / MANIFEST).exists()]
+    problems = [p for folder in folders for p in size_problems(folder)]
+    if args.verify_data and not problems:
+        from convert.verify import verify
+        log(f"train.py: checking every converted file in {data} against its checksums (--verify-data)")
+        problems = verify(data, progress=False)[0] if folders else []
+    if problems:
+        raise DatasetError(f"{len(problems)} damaged in {data}: {problems[0]}{' ...' if len(problems) > 1 else ''}: "
+                           f"run `python convert/verify.py {data}` for the list, then re-run the converter")
+
+
+def build_loaders(args, data: Path, runtime, per_device: int, train_px: int, val_px: int):
+    common = dict(data=data, workers=args.workers, seed=args.seed, device=runtime.device, rank=runtime.rank,
+                  world_size=runtime.world_size, options=loader_options(args.loader, args), batch_size=per_device,
+                  val_crop_ratio=args.val_crop_ratio)
+    val = build_loader(args.loader, split="val", image_size=val_px, **common)
+    train = None if args.evaluate else build_loader(args.loader, split="train", image_size=train_px, **common)
     return train, val
 
 
+def evaluate_only(args, model, val_loader, inputs, precision, runtime, val_res: list[int], log) -> dict:
+    """--evaluate: one Acc@1 line per val resolution; the result of the first, with the others
+    under "by_resolution" and its confusion matrix."""
+    results = []
+    for px in val_res:
+        val_loader.set_resolution(px)
+        result = evaluate(model, val_loader, inputs, precision, runtime, num_classes=len(val_loader.classes),
+                          flip=args.eval_flip)
+        log(f"Acc@1 {result['acc1']:.3f}  Acc@5 {result['acc5']:.3f}  ({result['val_images']} images at {px} px"
+            f"{', with flips' if args.eval_flip else ''})")
+        results.append({"val_res": px, "eval_flip": args.eval_flip, **result})
+    return {**results[0], "by_resolution": [{k: v for k, v in r.items() if k != "confusion"} for r in results]}
+
+
 def build_model(args, num_classes: int, device: torch.device, log):
-    model = create_model(args.arch, num_classes=num_classes, dropout=args.dropout)
-    if args.pretrained:
-        log(load_pretrained(model, args.pretrained, num_classes=num_classes))
+    model = create_model(args.arch, num_classes=num_classes, dropout=args.dropout, drop_path=args.drop_path,
+                         bn_eps=args.bn_eps)
+    if args.pretrained:  # torchvision's or timm's format; the model takes the eps of the weights
+        log(load_pretrained(model, args.pretrained, num_classes=num_classes, bn_eps=args.bn_eps))
     if args.bn_momentum is not None:
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.momentum = args.bn_momentum
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     return model.to(device, memory_format=memory_format)
+
+
+def bn_eps(model: torch.nn.Module) -> float:
+    """The BatchNorm eps the network runs with: not in a state_dict, so checkpoints carry it."""
+    return next(m.eps for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
 
 def build_augment(args, num_classes: int):
@@ -72,7 +112,9 @@ def build_augment(args, num_classes: int):
     from augment import DeviceAugment
     return DeviceAugment(num_classes=num_classes, auto_augment=args.auto_augment,
                          randaugment_num_ops=args.ra_num_ops, randaugment_magnitude=args.ra_magnitude,
-                         random_erase=args.random_erase, mixup_alpha=args.mixup_alpha,
+                         randaugment_magnitude_std=args.ra_magnitude_std,
+                         random_erase=args.random_erase, erase_mode=args.random_erase_mode,
+                         mixup_alpha=args.mixup_alpha,
                          cutmix_alpha=args.cutmix_alpha, label_smoothing=args.label_smoothing, seed=args.seed)
 
 
@@ -100,13 +142,12 @@ def main(argv=None):
     per_device = args.batch_size // runtime.world_size
     torch.manual_seed(args.seed)
     data = prepare_data(args, runtime)
-    train_loader, val_loader = build_loaders(args, data, runtime, per_device)
+    check_data(args, data, log)
+    resolution = resolution_schedule(args)
+    val_res = args.val_res or [resolution.max_px]
+    train_loader, val_loader = build_loaders(args, data, runtime, per_device, resolution.min_px, val_res[0])
     out_dir = Path(args.output_dir)  # written to only once the inputs are known to be good
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = to_dict(args)
-    if runtime.is_main:
-        write_json_atomic(config, out_dir / "config.json")
-    classes = val_loader.classes
+    config, classes = to_dict(args), val_loader.classes
     device, precision = runtime.device, Precision.resolve(args.apex and args.apex_opt_level != "O0",
                                                           args.amp_dtype, runtime.device)
     model = build_model(args, len(classes), device, log)
@@ -117,11 +158,19 @@ def main(argv=None):
     optimizer = build_optimizer(model, optimizer_config(args))
     inputs = DeviceInput(build_augment(args, len(classes)), args.channels_last, runtime.rank)
 
-    start_epoch, skip, best_acc1, state = 0, 0, 0.0, None
-    resume = ckpt.resolve_resume(args.resume, out_dir)
+    start_epoch, skip, best_acc1 = 0, 0, 0.0
+    if args.evaluate and args.resume == "auto":  # evaluation writes no checkpoint: any run's will do
+        args.resume = str(out_dir / ckpt.CHECKPOINT) if (out_dir / ckpt.CHECKPOINT).exists() else None
+    resume, state = ckpt.resolve_resume(args.resume, out_dir, config, classes, overwrite=args.overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:
+        write_json_atomic(config, out_dir / "config.json")
+        if not args.evaluate:  # the log keeps the epochs the checkpoint holds, no more
+            keep_jsonl(out_dir / "metrics.jsonl", lambda r: state is not None and r["epoch"] <= state["epoch"])
     if resume:
-        state = ckpt.load(resume)
         model.load_state_dict(state["model"])
+        if args.bn_eps is None and state.get("bn_eps"):  # the eps its weights were trained with (timm's: 1e-5)
+            set_bn_eps(model, state["bn_eps"])
         if not args.evaluate:
             optimizer.load_state_dict(state["optimizer"])
             if ema is not None and state.get("ema"):
@@ -134,10 +183,10 @@ def main(argv=None):
     if args.evaluate:
         if not (resume or args.pretrained):
             raise CheckpointError("--evaluate needs weights: pass --resume CHECKPOINT or --pretrained FILE")
-        result = evaluate(model, val_loader, inputs, precision, runtime)
-        log(f"Acc@1 {result['acc1']:.3f}  Acc@5 {result['acc5']:.3f}  ({result['val_images']} images)")
+        result = evaluate_only(args, model, val_loader, inputs, precision, runtime, val_res, log)
         if runtime.is_main:
-            write_json_atomic({**result, "weights": str(resume or args.pretrained)}, out_dir / "eval.json")
+            report = per_class_report(result.pop("confusion"), classes)
+            write_json_atomic({**result, "weights": str(resume or args.pretrained), **report}, out_dir / "eval.json")
         distributed.cleanup()
         return result
 
@@ -156,58 +205,87 @@ def main(argv=None):
         raise ConfigError(f"--batch_size {args.batch_size} is larger than the {train_loader.num_samples} "
                           f"training images per process: lower it")
     schedule = schedule_config(args)
+    if start_epoch >= args.epochs:
+        log(f"train.py: {out_dir} holds this run, finished ({start_epoch} epochs): nothing to train; a larger "
+            f"--epochs continues it, --overwrite starts it afresh")
+        distributed.cleanup()
+        return {}
     log(f"training {args.arch} on {len(classes)} classes with --loader {args.loader}: {args.epochs} epochs x "
         f"{steps_per_epoch} steps, global batch {args.batch_size} on {runtime.world_size} x {device}, "
         f"{precision.name}, output {out_dir}")
-    stop = StopFlag()
+    def save_checkpoint(epochs_done: int, next_batch: int, **extra) -> dict:
+        """checkpoint.pth (rank 0) at a step boundary: `epochs_done` epochs and `next_batch` batches
+        of the next one trained, with the RNG state that continues from exactly there."""
+        state = dict(model=eval_model.state_dict(), optimizer=optimizer.state_dict(),
+                     scaler=step.scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                     config=config, classes=classes, bn_eps=bn_eps(eval_model), best_acc1=best_acc1,
+                     epoch=epochs_done, next_batch=next_batch, rng=ckpt.rng_state(), **extra)
+        if runtime.is_main:
+            ckpt.save_atomic(state, out_dir / ckpt.CHECKPOINT)
+        return state
+
+    stop, interval = StopFlag(), ckpt.Interval(args.checkpoint_every)
     metrics_path = out_dir / "metrics.jsonl"
+    tensorboard = ScalarWriter(out_dir) if args.tensorboard and runtime.is_main else None
     timed_images, timed_s = 0, 0.0
     result = {}
     for epoch in range(start_epoch, args.epochs):
         epoch_start_s = time.perf_counter()
+        res_px = resolution.at(epoch)
+        train_loader.set_resolution(res_px)
         train_loader.set_epoch(epoch)
         plan = EpochPlan(epoch=epoch + 1, first_step=epoch * steps_per_epoch, steps=steps_per_epoch,
                          lr_at=lambda s: schedule.lr_at(s, args.learning_rate, steps_per_epoch), skip=skip,
                          timing_warmup_steps=min(args.warmup_steps_timing, max(0, steps_per_epoch - skip - 1)),
-                         print_freq=args.print_freq, log=log, stop_requested=stop)
-        stats = train_one_epoch(step, inputs, train_loader, plan, runtime)
+                         print_freq=args.print_freq, log=log, stop_requested=stop,
+                         on_window=tensorboard.window if tensorboard else None,
+                         after_step=lambda n: interval.due() and n < steps_per_epoch and save_checkpoint(epoch, n))
+        try:
+            stats = train_one_epoch(step, inputs, train_loader, plan, runtime)
+        except LoaderFailed as e:
+            if not runtime.is_main:
+                raise LoaderError(f"--loader {args.loader} on rank {runtime.rank}: {e}") from None
+            save_checkpoint(epoch, e.next_batch)
+            raise LoaderError(f"--loader {args.loader}: {e}. Saved {out_dir / ckpt.CHECKPOINT} at that step: run "
+                              f"the same command again to continue from there (`python convert/verify.py {data}` "
+                              f"names damaged files)") from None
         skip = 0
         if stats["first_batch_s"] is not None and epoch == start_epoch:
             log(f"first batch after {stats['first_batch_s']:.1f}s (loader start-up / JIT; not in img/s)")
-        state = dict(model=eval_model.state_dict(), optimizer=optimizer.state_dict(), scaler=step.scaler.state_dict(),
-                     ema=ema.state_dict() if ema is not None else None, config=config, best_acc1=best_acc1)
         if stats["interrupted"]:
-            if runtime.is_main:
-                ckpt.save_atomic({**state, "epoch": epoch, "next_batch": stats["next_batch"],
-                                  "rng": ckpt.rng_state()}, out_dir / ckpt.CHECKPOINT)
+            save_checkpoint(epoch, stats["next_batch"])
             log(f"SIGTERM: saved {out_dir / ckpt.CHECKPOINT} at epoch {epoch + 1} batch {stats['next_batch']}; "
-                f"continue with --resume auto")
+                f"run the same command again to continue")
             distributed.cleanup()
             return None
         if not all(torch.isfinite(p).all() for p in eval_model.parameters()):
             raise TrainingDiverged("train.py: the weights are no longer finite: stopping; the last good "
                                    "checkpoint is untouched")
-        val = evaluate(eval_model, val_loader, inputs, precision, runtime)
+        val = evaluate(eval_model, val_loader, inputs, precision, runtime, flip=args.eval_flip)
         record = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "imgs_per_s", "data_wait_frac",
                                                                  "skipped_steps", "nonfinite_steps", "steps")},
-                  **val, "lr": optimizer.param_groups[0]["lr"], "epoch_wall_s": time.perf_counter() - epoch_start_s}
+                  **val, "lr": optimizer.param_groups[0]["lr"], "epoch_wall_s": time.perf_counter() - epoch_start_s,
+                  "bad_samples": len(getattr(train_loader, "bad_samples", [])), "res_px": res_px,
+                  "val_res_px": val_res[0]}
         if ema is not None:
-            record["ema_acc1"] = evaluate(ema.module, val_loader, inputs, precision, runtime)["acc1"]
+            record["ema_acc1"] = evaluate(ema.module, val_loader, inputs, precision, runtime,
+                                          flip=args.eval_flip)["acc1"]
         timed_images += stats["timed_images"]
         timed_s += stats["timed_wall_s"] if stats["timed_images"] else 0.0
         is_best = val["acc1"] >= best_acc1
         best_acc1 = max(best_acc1, val["acc1"])
         log(f"epoch {epoch + 1}/{args.epochs}  train-loss {stats['train_loss']:.4f}  Acc@1 {val['acc1']:.2f}  "
             f"Acc@5 {val['acc5']:.2f}  img/s {stats['imgs_per_s']:.1f}  "
-            f"data-wait {100 * stats['data_wait_frac']:.0f}%  ({record['epoch_wall_s']:.0f}s)")
+            f"data-wait {100 * stats['data_wait_frac']:.0f}%  {res_px} px  ({record['epoch_wall_s']:.0f}s)")
         if runtime.is_main:
             append_jsonl(record, metrics_path)
             plot_history(read_jsonl(metrics_path), out_dir / "history.png")
-            state.update(epoch=epoch + 1, next_batch=0, rng=ckpt.rng_state(), best_acc1=best_acc1,
-                         acc1=val["acc1"], acc5=val["acc5"])
-            ckpt.save_atomic(state, out_dir / ckpt.CHECKPOINT)
+            if tensorboard:
+                tensorboard.epoch(record)
+            state = save_checkpoint(epoch + 1, 0, acc1=val["acc1"], acc5=val["acc5"])
             if is_best:
                 ckpt.save_atomic(state, out_dir / ckpt.BEST)
+        interval.restart()
         result = {"acc1": val["acc1"], "acc5": val["acc5"]}
 
     fps = timed_images / timed_s if timed_s > 0 else float("nan")
@@ -217,6 +295,8 @@ def main(argv=None):
                            "precision": precision.name, "global_batch": args.batch_size,
                            "hardware": hardware(device)}, out_dir / "summary.json")
         log(f"Acc@1 {result['acc1']:.3f}  Acc@5 {result['acc5']:.3f}  FPS {fps:.1f}")
+    if tensorboard:
+        tensorboard.close()
     distributed.cleanup()
     return {**result, "imgs_per_s": fps}
 

@@ -90,6 +90,23 @@ def prepare(args):
                      for lib, source in sources.items()}}
 
 
+IMAGENET_IMAGES = 1_281_167 + 50_000  # train + val
+
+
+def storage(args) -> dict:
+    """What the converted split costs on disk: bytes per image, and ImageNet's size at that rate
+    (an estimate from this dataset's images, whose sizes may not be ImageNet's)."""
+    from core.dataset import scan
+    images, out = len(scan(args.data, splits=(args.split,)).splits[args.split]), {}
+    for kind, files in (("beton", [args.beton_dir / f"{args.split}.beton"]),
+                        ("shards", sorted(args.shards_dir.glob(f"{args.split}-*.tar")))):
+        size = sum(f.stat().st_size for f in files if f.exists())
+        if size:
+            out[kind] = {"bytes_per_image": round(size / images),
+                         "imagenet_gb": round(size / images * IMAGENET_IMAGES / 1e9, 1)}
+    return out
+
+
 def limit_source(library: str, args) -> str:
     """Which bytes a row reads, named as its decode-limit row is."""
     reads = args.reads[library]
@@ -428,7 +445,8 @@ def main(argv=None):
                 "image_size_px": args.image_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
                 "lead_in_epochs": args.lead_in, "max_res_px": args.max_res_px, "write_mode": args.write_mode,
                 "jpeg_quality": JPEG_QUALITY, "device": args.device, "reads": args.reads,
-                "beton_dir": str(args.beton_dir), "shards_dir": str(args.shards_dir)}
+                "beton_dir": str(args.beton_dir), "shards_dir": str(args.shards_dir),
+                "storage": storage(args)}
     stock = next(r["imgs_per_s"] for r in out if r["kind"] == "stock")
     return report.write(args, setting, settings, out, COLUMNS, [bar(r) for r in out],
                         "images/s (median, min-max whiskers)", reference=(stock, "stock"),

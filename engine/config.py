@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from core.errors import ConfigError
+from engine.resolution import ResolutionSchedule
 from engine.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig, ScheduleConfig
 from loaders import LOADERS, DALIOptions, FFCVOptions
 
@@ -48,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="with --apex: O0 = fp32, O1/O2 = autocast in --amp-dtype (fp16 adds a dynamic loss scaler)")
     add("--loss-scale", type=float, default=2.0 ** 16,
         help="float16: the dynamic loss scaler's initial scale (apex's loss_scale; halves on overflow)")
-    add("--lr-step-size", type=int, default=SCHED.step_size, help="step schedule: decay every N epochs")
+    add("--lr-step-size", type=float, default=SCHED.step_size,
+        help="step schedule: decay every N epochs, counted in whole epochs (fractional: timm's 2.4)")
     add("--lr-gamma", type=float, default=SCHED.gamma, help="step schedule: decay factor")
     add("--wd", "--weight-decay", dest="wd", type=float, default=OPT.weight_decay,
         help="weight decay (not applied to norm layers and biases)")
@@ -59,28 +61,74 @@ def get_args_parser() -> argparse.ArgumentParser:
     # -- what torchvision's and timm's trainers also offer --------------------------------
     add("--loader", default="ffcv", choices=list(LOADERS), help="input pipeline")
     add("--output-dir", default=".", help="checkpoints, metrics.jsonl, summary.json and the plot go here")
-    add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT_DIR/checkpoint.pth if present")
+    add("--resume", default="auto",
+        help="checkpoint to continue from; auto: OUTPUT_DIR/checkpoint.pth when it is this run's (the same "
+             "arch, classes, global batch and recipe), so a restarted command continues; another run's "
+             "checkpoint there is an error (see --overwrite)")
+    add("--overwrite", action="store_true",
+        help="start afresh in an OUTPUT_DIR that holds another run's checkpoint, replacing it")
+    add("--checkpoint-every", default="10min",
+        help="also save checkpoint.pth mid-epoch: every N steps ('500') or minutes ('10min'); 0: epoch ends only")
+    add("--verify-data", action="store_true",
+        help="check every converted file against its converter's checksums before training "
+             "(sizes are always checked)")
+    add("--max-bad-samples", type=int, default=0,
+        help="torchvision loader on record shards: damaged samples (checksum mismatch) to leave out and count "
+             "before stopping; 0 stops at the first, naming it")
     add("--evaluate", action="store_true", help="only evaluate (weights from --resume or --pretrained)")
     add("--pretrained", default=None,
-        help="torchvision-format MobileNetV3 weights file (you download it; nothing is downloaded)")
+        help="MobileNetV3 weights file, torchvision's or timm's format (found from its keys; .pth, .bin or "
+             ".safetensors; you download it, nothing is downloaded)")
     add("--opt", default=OPT.name, choices=OPTIMIZERS, help="optimizer")
     add("--momentum", type=float, default=OPT.momentum, help="optimizer momentum")
     add("--rmsprop-alpha", type=float, default=OPT.rmsprop_alpha, help="RMSprop smoothing constant (reference: 0.9)")
     add("--rmsprop-eps", type=float, default=OPT.rmsprop_eps, help="RMSprop epsilon (reference: 0.0316)")
     add("--warmup-epochs", type=float, default=SCHED.warmup_epochs, help="linear LR warm-up length, in epochs")
     add("--lr-scheduler", default=SCHED.name, choices=SCHEDULES, help="LR schedule after warm-up")
+    add("--warmup-lr", type=float, default=SCHED.warmup_lr,
+        help="LR the warm-up starts from (timm's recipe: 1e-6); default: 0.01 x --learning-rate")
     add("--label-smoothing", type=float, default=0.0, help="label smoothing for the loss")
     add("--model-ema", action="store_true", help="keep and evaluate an exponential moving average of the weights")
     add("--model-ema-decay", type=float, default=0.9999, help="EMA decay per step")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--tensorboard", action="store_true",
+        help="also write TensorBoard scalars (loss, LR, Acc@1/5, img/s, data-wait) to OUTPUT_DIR/tensorboard")
     add("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     add("--deterministic", action="store_true", help="deterministic algorithms (slower; bitwise repeatable on CPU)")
     add("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"], help="accelerator kind")
     add("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
         help="autocast dtype with --apex: auto = float16 (with a loss scaler) on CUDA/NPU, bfloat16 on the CPU")
-    add("--image-size", type=int, default=224, help="train crop and val crop size in pixels")
+    add("--image-size", type=int, default=224,
+        help="train crop size in pixels (the fixed resolution; see --min-res for a schedule) and the val crop size")
+    add("--min-res", type=int, default=None,
+        help="progressive resizing, FFCV's schedule: train at this many px until --start-ramp, then ramp linearly "
+             "to --max-res at --end-ramp (rounded down to multiples of 32); unset: --image-size throughout")
+    add("--max-res", type=int, default=None, help="with --min-res: the final train resolution (default --image-size)")
+    add("--start-ramp", type=int, default=None,
+        help="with --min-res: the last epoch (counted from 0) at --min-res (default: 3/4 of --epochs, and "
+             "before the last)")
+    add("--end-ramp", type=int, default=None,
+        help="with --min-res: the first epoch at --max-res (default: the last epoch)")
+    add("--val-res", type=_int_list, default=None,
+        help="val crop size(s) in px: the crop of an image whose shorter side is resized to res / --val-crop-ratio. "
+             "Several (224,256) with --evaluate: one Acc@1 line each; in training the first is used. "
+             "Default: the final train resolution")
+    add("--val-crop-ratio", type=float, default=0.875, help="val crop / resized shorter side (224 of 256)")
+    add("--eval-flip", action="store_true", help="evaluate on the mean logits of each image and its mirror image")
     add("--dropout", type=float, default=0.2, help="dropout before the classifier")
+    add("--drop-path", type=float, default=0.0,
+        help="stochastic depth rate, as timm's drop_path_rate: block i of n drops its residual "
+             "branch with rate x i / n (timm's recipe: 0.2)")
+    add("--bn-eps", type=float, default=None,
+        help="BatchNorm eps; default: that of the --pretrained file's format (timm 1e-5, "
+             "torchvision 1e-3), else 1e-3. Not saved in checkpoints: resume or evaluate a run "
+             "started from timm's weights with the same --pretrained or --bn-eps 1e-5")
+    add("--ra-magnitude-std", type=float, default=0.0,
+        help="RandAugment: draw each op's magnitude bin from N(--ra-magnitude, this), clipped to "
+             "0..30; timm's mstd x 3 (timm's mstd0.5 = 1.5); inf: uniform in 0..--ra-magnitude")
+    add("--random-erase-mode", default="const", choices=["const", "pixel"],
+        help="random erasing fill: const (the mean) or pixel (per-pixel normal noise, timm's recipe)")
     add("--bn-momentum", type=float, default=None,
         help="override BatchNorm momentum (model default 0.01, for long runs); short runs need ~0.1 "
              "so the running statistics keep up with the weights before evaluation")
@@ -100,6 +148,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--warmup-steps-timing", type=int, default=5,
         help="steps at the start of each epoch left out of the img/s figure")
     return p
+
+
+def _int_list(text) -> list[int]:
+    """'224,256' -> [224, 256] (a recipe may give a YAML list or a single number)."""
+    if isinstance(text, (list, tuple)):
+        return [int(v) for v in text]
+    return [int(v) for v in str(text).split(",") if v.strip()]
 
 
 def _check_recipe(recipe: dict, path: str, parser: argparse.ArgumentParser) -> dict:
@@ -128,6 +183,8 @@ def parse_config(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size {args.batch_size}: must be >= 1")
+    if args.val_res is not None:  # a recipe gives a YAML number or list, not the flag's text
+        args.val_res = _int_list(args.val_res)
     return args
 
 
@@ -143,4 +200,12 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
 
 def schedule_config(args: argparse.Namespace) -> ScheduleConfig:
     return ScheduleConfig(name=args.lr_scheduler, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                          step_size=args.lr_step_size, gamma=args.lr_gamma)
+                          warmup_lr=args.warmup_lr, step_size=args.lr_step_size, gamma=args.lr_gamma)
+
+
+def resolution_schedule(args: argparse.Namespace) -> ResolutionSchedule:
+    if args.min_res is None:
+        return ResolutionSchedule.fixed(args.image_size)
+    start = args.start_ramp if args.start_ramp is not None else max(0, min(args.epochs * 3 // 4, args.epochs - 2))
+    end = args.end_ramp if args.end_ramp is not None else max(start, args.epochs - 1)
+    return ResolutionSchedule(args.min_res, args.max_res or args.image_size, start, end)

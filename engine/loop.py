@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from core.errors import TrainingDiverged
 from engine.distributed import Runtime, all_reduce_sum, any_rank
+from engine.faults import StepBoundaryLoader
 from engine.meter import StepMeter
 from engine.metrics import correct_topk
 from engine.precision import Precision
@@ -31,6 +32,8 @@ class EpochPlan:
     print_freq: int = 10
     log: Callable[[str], None] = print
     stop_requested: Callable[[], bool] = lambda: False
+    after_step: Callable[[int], None] = lambda next_batch: None  # e.g. a mid-epoch checkpoint
+    on_window: Callable[[int, dict], None] | None = None  # (global step, the log window's scalars): TensorBoard
     progress: bool = field(default_factory=lambda: sys.stdout.isatty())
 
 
@@ -46,13 +49,13 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
         from tqdm import tqdm
         bar = tqdm(total=plan.steps, desc=f"epoch {plan.epoch}", leave=False, dynamic_ncols=True)
 
-    iterator = iter(loader)
+    batches = StepBoundaryLoader(loader, plan.epoch)
     for i in range(plan.steps):
         t0 = time.perf_counter()
-        try:
-            images, labels = next(iterator)
-        except StopIteration:
+        batch = batches.next_batch(i)  # a failing loader raises LoaderFailed here, between steps
+        if batch is None:
             break
+        images, labels = batch
         if i < plan.skip:  # resuming mid-epoch: the same order, so skip what was already trained on
             meter.restart_window()
             continue
@@ -79,6 +82,8 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
         if not runtime.distributed and plan.stop_requested():
             interrupted = True
             break
+        plan.after_step(i + 1)
+    batches.close(plan.skip + steps_done)
     if bar is not None:
         bar.close()
     timed = meter.close()
@@ -96,9 +101,12 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
 
 
 def log_window(plan: EpochPlan, i: int, loss: torch.Tensor, step: TrainStep, window: dict, bar):
-    lr = step.optimizer.param_groups[0]["lr"]
+    lr, loss = step.optimizer.param_groups[0]["lr"], loss.item()
+    if plan.on_window is not None:
+        plan.on_window(plan.first_step + i, {"loss": loss, "lr": lr, "imgs_per_s": window["imgs_per_s"],
+                                             "data_wait_frac": window["data_wait_frac"]})
     eta_s = (plan.steps - i - 1) * window["wall_s"] / window["steps"]
-    msg = (f"epoch {plan.epoch} step {i + 1}/{plan.steps}  loss {loss.item():.4f}  lr {lr:.5f}  "
+    msg = (f"epoch {plan.epoch} step {i + 1}/{plan.steps}  loss {loss:.4f}  lr {lr:.5f}  "
            f"img/s {window['imgs_per_s']:.1f}  data-wait {100 * window['data_wait_frac']:.0f}%  ETA {eta_s:.0f}s")
     if step.scaler.is_enabled():
         msg += f"  skipped-steps {int(step.skipped.item())}"
@@ -115,18 +123,32 @@ def non_finite_message(epoch: int, step: int, count: int) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, loader, inputs: DeviceInput, precision: Precision, runtime: Runtime) -> dict:
-    """Acc@1 / Acc@5 over every val image once across ranks (counts are summed over ranks)."""
+def evaluate(model, loader, inputs: DeviceInput, precision: Precision, runtime: Runtime,
+             num_classes: int = 0, flip: bool = False) -> dict:
+    """Acc@1 / Acc@5 over every val image once across ranks (counts are summed over ranks).
+
+    num_classes > 0 also counts the confusion matrix, returned under "confusion" as a list of rows
+    (row: true class, column: top-1 prediction). flip: the logits are the mean of the image's and
+    its mirror image's."""
     device = runtime.device
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # top1, top5, images, loss sum
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     for images, labels in loader:
+        x = inputs.eval(images)
         with precision.autocast(device):
-            logits = model(inputs.eval(images)).float()
+            logits = model(x).float()
+            if flip:
+                logits = (logits + model(x.flip(3)).float()) / 2
         totals[:2] += correct_topk(logits, labels).to(torch.float64)
         totals[2] += labels.numel()
         totals[3] += F.cross_entropy(logits, labels, reduction="sum").to(torch.float64)
+        if num_classes:
+            confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2)
     all_reduce_sum(totals)
     top1, top5, n, loss_sum = totals.tolist()
     n = max(n, 1)
-    return {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss_sum / n, "val_images": int(n)}
+    result = {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss_sum / n, "val_images": int(n)}
+    if num_classes:
+        result["confusion"] = all_reduce_sum(confusion).view(num_classes, num_classes).tolist()
+    return result

@@ -99,7 +99,22 @@ def test_train_fps_reports_stall_per_loader(data, tmp_path):
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("script", ["loader_fps.py", "train_fps.py"])
+def test_resolution_schedule_runs_the_trainer_twice_per_loader_and_compares(data, tmp_path):
+    out = tmp_path / "resolution_schedule.json"
+    run("resolution_schedule.py", "--data", data, "--loaders", "torchvision", "--epochs", 2, "--min-res", 32,
+        "--max-res", 64, "--batch-size", BATCH, "--workers", 1, "--json", out)
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["name"] == "torchvision" and row["scheduled_res_px"] == [32, 64]  # 3/4 of 2 epochs: 1 at 32
+    assert row["wall_ratio"] == pytest.approx(row["scheduled_epoch_s"] / row["fixed_epoch_s"])
+    assert row["acc1_drop"] == pytest.approx(row["fixed_acc1"] - row["scheduled_acc1"])
+    assert [t["target"] for t in result["targets"]] == [
+        "torchvision: a scheduled epoch takes less wall time than a fixed one",
+        "torchvision: Acc@1 within 2 points of the fixed run"]
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("script", ["loader_fps.py", "train_fps.py", "resolution_schedule.py"])
 def test_an_unknown_loader_is_named(script):
     proc = subprocess.run([sys.executable, f"bench/{script}", "--loaders", "ffcv,nope"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

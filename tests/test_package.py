@@ -64,7 +64,7 @@ def test_only_the_commands_exit():
 @pytest.mark.parametrize("name", list(LOADERS))
 def test_an_unknown_loader_option_is_an_error_naming_the_valid_ones(tiny_converted, name):
     valid = {"ffcv": "os_cache, order, beton_dir", "dali": "shards_dir, source, decode, prefetch",
-             "torchvision": "shards_dir, source"}[name]
+             "torchvision": "shards_dir, source, max_bad_samples"}[name]
     with pytest.raises(LoaderError, match=f"unknown option\\(s\\) os_cahce; its options are {valid}"):
         build_loader(name, split="val", data=tiny_converted, batch_size=2, options={"os_cahce": False})
     with pytest.raises(LoaderError, match="choose one of"):
@@ -74,7 +74,8 @@ def test_an_unknown_loader_option_is_an_error_naming_the_valid_ones(tiny_convert
 
 @pytest.mark.parametrize("command", ["train.py", "convert/to_ffcv.py", "convert/to_shards.py",
                                      "convert/make_sample.py", "bench/loader_fps.py", "bench/train_fps.py",
-                                     "bench/augment_cost.py"])
+                                     "bench/augment_cost.py", "bench/resolution_schedule.py", "convert/verify.py",
+                                     "export.py", "predict.py"])
 def test_each_command_runs_from_another_folder(command, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / command), "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from engine.config import parse_config
+from engine.config import parse_config, schedule_config
 from engine.optim import lr_at, param_groups
 from model import create_model
 
@@ -104,6 +104,37 @@ def test_lr_schedule_values_at_known_steps():
     cos = dict(base_lr=1.0, steps_per_epoch=10, epochs=10, schedule="cosine")
     assert lr_at(0, **cos) == 1.0 and lr_at(50, **cos) == pytest.approx(0.5) and lr_at(100, **cos) == 0.0
     assert lr_at(25, **cos) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_lr_fractional_step_size_and_warmup_from_a_given_lr():
+    timm = dict(base_lr=0.064, steps_per_epoch=10, epochs=600, step_size=2.4, warmup_epochs=3, warmup_lr=1e-6)
+    assert lr_at(0, **timm) == 1e-6
+    assert lr_at(15, **timm) == pytest.approx(1e-6 + (0.064 - 1e-6) * 0.5)
+    # Whole epochs after warm-up: floor(epoch / 2.4) decays, so decays start epochs 3, 5, 8, 10, 12.
+    decays = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 5]
+    assert [lr_at(30 + 10 * e + 9, **timm) for e in range(13)] == pytest.approx([0.064 * 0.973 ** d for d in decays])
+    with pytest.raises(ConfigError, match="--lr-step-size 0"):
+        schedule_config(parse_config(["--lr-step-size", "0"]))
+
+
+def test_the_timm_recipe_matches_timms_published_settings():
+    a = parse_config(["--config", str(REPO / "configs/mobilenetv3_large_timm.yaml")])
+    assert (a.arch, a.epochs, a.batch_size, a.learning_rate, a.opt, a.rmsprop_eps, a.wd) == (
+        "mobilenetv3_large_100", 600, 1024, 0.064, "rmsprop", 0.0316, 1e-5)
+    assert (a.lr_scheduler, a.lr_step_size, a.lr_gamma, a.warmup_epochs, a.warmup_lr) == ("step", 2.4, 0.973, 3, 1e-6)
+    assert (a.dropout, a.drop_path, a.bn_eps, a.model_ema, a.model_ema_decay, a.label_smoothing) == (
+        0.2, 0.2, 1e-5, True, 0.9999, 0.1)
+    assert (a.auto_augment, a.ra_magnitude, a.ra_magnitude_std, a.random_erase, a.random_erase_mode) == (
+        "randaugment", 27, 1.5, 0.2, "pixel")
+    assert schedule_config(a).lr_at(3 * 100, 0.064, 100) == 0.064  # warm-up over, no decay yet
+    # The trainer hands the recipe's model and augmentation settings on.
+    from train import build_augment, build_model
+    net = build_model(a, 10, torch.device("cpu"), log=lambda msg: None)
+    drops = [m.p for m in net.modules() if type(m).__name__ == "DropPath"]
+    assert max(drops) == pytest.approx(0.2 * 14 / 16) and len(drops) == 9  # residual bnecks after the first
+    assert all(m.eps == 1e-5 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    aug = build_augment(a, 10)
+    assert (aug.randaugment["magnitude_std"], aug.erase_mode) == (1.5, "pixel")
 
 
 def test_weight_decay_skips_norm_layers_and_biases():
@@ -218,7 +249,8 @@ def test_a_loss_that_stays_non_finite_stops_the_run_and_keeps_the_last_good_chec
     base = ["--data", str(tiny_sample), "--loader", "torchvision"]
     ok(run_train(base + ["--epochs", "1"], tmp_path))
     good = (tmp_path / "checkpoint.pth").read_bytes()
-    proc = run_train(base + ["--epochs", "3", "--resume", "auto", "--learning-rate", "1e30"], tmp_path)
+    proc = run_train(base + ["--epochs", "3", "--resume", str(tmp_path / "checkpoint.pth"), "--learning-rate", "1e30"],
+                     tmp_path)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "not finite" in proc.stdout + proc.stderr or "no longer finite" in proc.stdout + proc.stderr
     assert (tmp_path / "checkpoint.pth").read_bytes() == good
@@ -265,3 +297,52 @@ def test_fp16_steps_the_loss_scaler_skips_are_counted_and_logged(tiny_sample, tm
     assert rec["skipped_steps"] == rec["steps"] == 3 and rec["nonfinite_steps"] == 0
     assert "skipped-steps" in proc.stdout
     assert json.loads((tmp_path / "summary.json").read_text())["precision"] == "fp16"
+
+
+# -- resolution per epoch and evaluation resolution --------------------------------------------
+def test_the_resolution_schedule_is_ffcvs_ramp_rounded_down_to_multiples_of_32():
+    from core.errors import ConfigError
+    from engine.resolution import ResolutionSchedule
+    ramp = ResolutionSchedule(160, 256, start_ramp=10, end_ramp=20)
+    assert [ramp.at(e) for e in (0, 10, 11, 15, 17, 19, 20, 30)] == [160, 160, 160, 192, 224, 224, 256, 256]
+    assert ResolutionSchedule(100, 164, 0, 2).at(1) == 128 and ResolutionSchedule(100, 164, 0, 4).at(1) == 100
+    assert {ResolutionSchedule.fixed(224).at(e) for e in range(5)} == {224}
+    with pytest.raises(ConfigError, match="--min-res"):
+        ResolutionSchedule(192, 160, 0, 1)
+    args = parse_config(["--min-res", "96", "--max-res", "160", "--epochs", "8"])
+    from engine.config import resolution_schedule
+    assert resolution_schedule(args) == ResolutionSchedule(96, 160, 6, 7)
+
+
+def test_the_fast_recipe_schedules_resolution_and_evaluates_at_256_with_flips():
+    args = parse_config(["--config", str(REPO / "configs/mobilenetv3_large_fast.yaml")])
+    from engine.config import resolution_schedule
+    schedule = resolution_schedule(args)
+    assert (schedule.at(0), schedule.at(args.epochs - 1)) == (160, 192)
+    assert args.val_res == [256] and args.eval_flip and args.val_crop_ratio == 0.875
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "ffcv", "dali"])
+def test_a_scheduled_run_trains_each_epoch_at_its_resolution_and_resumes_onto_it(tiny_converted, tmp_path, loader):
+    args = ["--data", str(tiny_converted), "--loader", loader, "--min-res", "32", "--max-res", "96",
+            "--start-ramp", "0", "--end-ramp", "2", "--val-res", "64"]
+    proc = ok(run_train(args + ["--epochs", "2"], tmp_path))
+    assert "32 px" in proc.stdout and "64 px" in proc.stdout
+    resumed = ok(run_train(args + ["--epochs", "3"], tmp_path))  # the same run, one epoch longer
+    assert "resumed from" in resumed.stdout
+    assert [(r["res_px"], r["val_res_px"]) for r in records(tmp_path)] == [(32, 64), (64, 64), (96, 64)]
+
+
+def test_evaluate_sweeps_val_resolutions_with_flips(tiny_sample, tmp_path):
+    ok(run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "1", "--bn-momentum", "1.0"],
+                 tmp_path))
+    weights = ["--data", str(tiny_sample), "--loader", "torchvision", "--evaluate", "--resume",
+               str(tmp_path / "checkpoint.pth")]
+    proc = ok(run_train(weights + ["--val-res", "32,48", "--eval-flip"], tmp_path / "flip"))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("Acc@1 ")]
+    assert len(lines) == 2 and "at 32 px, with flips" in lines[0] and "at 48 px, with flips" in lines[1]
+    flipped = json.loads((tmp_path / "flip" / "eval.json").read_text())
+    assert [r["val_res"] for r in flipped["by_resolution"]] == [32, 48] and flipped["val_images"] == 12
+    ok(run_train(weights + ["--val-res", "32"], tmp_path / "plain"))
+    plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
+    assert plain["val_loss"] != flipped["val_loss"]  # the mirrored images were really averaged in
