@@ -186,7 +186,7 @@ class TorchvisionLoader:
             generator=torch.Generator().manual_seed(spec.seed))
         self.num_samples = len(self.sampler)
         self.first_batch_s = None
-        self.bad_samples = []  # names of the damaged samples left out so far (shards with checksums)
+        self.bad_samples = []  # names of the distinct damaged samples left out so far (shards with checksums)
 
     def set_epoch(self, epoch: int):
         self.sampler.epoch = epoch
@@ -212,9 +212,12 @@ class TorchvisionLoader:
                 yield to_device(images, labels, self.spec.device)
 
     def _skip(self, damaged: list[int]):
-        """Count damaged samples; past --max-bad-samples, stop naming the one that went over."""
-        for index in damaged:
-            self.bad_samples.append(self.dataset.name(index))
+        """Count damaged samples (each once, whichever epoch meets it again); past --max-bad-samples,
+        stop naming the one that went over."""
+        for name in map(self.dataset.name, damaged):
+            if name in self.bad_samples:
+                continue
+            self.bad_samples.append(name)
             if len(self.bad_samples) > self.spec.options.max_bad_samples:
                 raise LoaderError(f"{self.bad_samples[-1]}: the sample's bytes differ from the converter's "
                                   f"checksum ({len(self.bad_samples)} damaged so far; --max-bad-samples "
