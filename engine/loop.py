@@ -43,6 +43,7 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), device=device, dtype=torch.int64)
     window_nonfinite_start, steps_done, interrupted = 0, 0, False
+    skipped_before = step.skipped.clone()  # the scaler's count runs over the whole run; this epoch's part
     meter = StepMeter(plan.skip + plan.timing_warmup_steps, lambda: sync(device))
     bar = None
     if plan.progress and runtime.is_main:
@@ -75,7 +76,7 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
             if nonfinite_now - window_nonfinite_start >= plan.print_freq:  # the whole window
                 raise TrainingDiverged(non_finite_message(plan.epoch, i, nonfinite_now))
             window_nonfinite_start = nonfinite_now
-            log_window(plan, i, loss, step, meter.take_window(), bar)
+            log_window(plan, i, loss, step, meter.take_window(), bar, skipped_before)
             if runtime.distributed and any_rank(plan.stop_requested(), device):
                 interrupted = True
                 break
@@ -94,13 +95,14 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
         "interrupted": interrupted,
         "train_loss": (loss_sum / max(1, steps_done - int(nonfinite.item()))).item(),
         "nonfinite_steps": int(nonfinite.item()),
-        "skipped_steps": int(step.skipped.item()),
+        "skipped_steps": int((step.skipped - skipped_before).item()),
         **timed,
         "first_batch_s": getattr(loader, "first_batch_s", None),
     }
 
 
-def log_window(plan: EpochPlan, i: int, loss: torch.Tensor, step: TrainStep, window: dict, bar):
+def log_window(plan: EpochPlan, i: int, loss: torch.Tensor, step: TrainStep, window: dict, bar,
+               skipped_before: torch.Tensor):
     lr, loss = step.optimizer.param_groups[0]["lr"], loss.item()
     if plan.on_window is not None:
         plan.on_window(plan.first_step + i, {"loss": loss, "lr": lr, "imgs_per_s": window["imgs_per_s"],
@@ -109,7 +111,7 @@ def log_window(plan: EpochPlan, i: int, loss: torch.Tensor, step: TrainStep, win
     msg = (f"epoch {plan.epoch} step {i + 1}/{plan.steps}  loss {loss:.4f}  lr {lr:.5f}  "
            f"img/s {window['imgs_per_s']:.1f}  data-wait {100 * window['data_wait_frac']:.0f}%  ETA {eta_s:.0f}s")
     if step.scaler.is_enabled():
-        msg += f"  skipped-steps {int(step.skipped.item())}"
+        msg += f"  skipped-steps {int((step.skipped - skipped_before).item())}"
     if bar is not None:
         bar.set_postfix_str(msg.split("  ", 1)[1])
     else:
