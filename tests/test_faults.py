@@ -2,6 +2,7 @@
 loader worker costs one step, damaged data is found and named, a failed checkpoint write keeps the
 previous checkpoint. Every run here is a real train.py (under torchrun where it says so)."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -121,7 +122,10 @@ def test_a_loader_worker_killed_mid_epoch_costs_at_most_one_step(tiny_sample, tm
     psutil.Process(proc.pid).children()[0].send_signal(signal.SIGKILL)  # a DataLoader worker
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, rest
-    assert "--loader torchvision: the loader failed at epoch 1, batch" in rest and "exited unexpectedly" in rest
+    # one line: the loader, where it failed, and PyTorch's reason (the dead worker, usually; a worker
+    # killed halfway through sending a batch can also surface as a broken pipe or pickle)
+    (line,) = [line for line in rest.splitlines() if line.startswith("--loader ")]
+    assert re.match(r"--loader torchvision: the loader failed at epoch 1, batch \d+: \w+.*\. Saved ", line), rest
     epoch, next_batch = position(out / "checkpoint.pth")
     assert epoch == 0 and next_batch >= 3  # every step trained before the failure is kept
     resumed = ok(run_train(args, out))  # the same command continues
