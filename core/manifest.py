@@ -50,28 +50,26 @@ def manifest_text(folder: Path, described: dict, keep) -> str:
     return json.dumps({"version": VERSION, "checksum": "crc32c", "files": dict(sorted(files.items()))}) + "\n"
 
 
-def size_problems(folder: Path, names=None) -> list[str]:
-    """Cheap: files of the manifest (or only `names`) that are missing or of another size."""
-    files = read_manifest(folder) or {}
-    problems = []
-    for name, d in files.items():
-        if names is not None and name not in names:
-            continue
-        path = Path(folder) / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != d["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the converter wrote {d['size']}")
-    return problems
+def _size_problem(path: Path, d: dict) -> str | None:
+    """The file is missing or of another size than the converter wrote (None: neither)."""
+    if not path.exists():
+        return f"{path}: missing"
+    if path.stat().st_size != d["size"]:
+        return f"{path}: {path.stat().st_size} bytes, the converter wrote {d['size']}"
+    return None
+
+
+def size_problems(folder: Path) -> list[str]:
+    """Cheap: files of the manifest that are missing or of another size."""
+    found = (_size_problem(Path(folder) / name, d) for name, d in (read_manifest(folder) or {}).items())
+    return [p for p in found if p]
 
 
 def chunk_problems(path: Path, d: dict) -> list[str]:
     """Full check of one file against its description: each damaged chunk's byte range."""
     path = Path(path)
-    if not path.exists():
-        return [f"{path}: missing"]
-    if path.stat().st_size != d["size"]:
-        return [f"{path}: {path.stat().st_size} bytes, the converter wrote {d['size']}"]
+    if problem := _size_problem(path, d):
+        return [problem]
     problems, step = [], d["chunk_bytes"]
     with open(path, "rb") as f:
         for i, expected in enumerate(d["crc32c"]):

@@ -37,23 +37,23 @@ class Shards:
                 total += int(f.readline().split()[1])
         return total
 
+    def _entries(self):
+        """(tar number, the index line's fields) for every sample, in order."""
+        for t, index in enumerate(self.indexes):
+            for line in Path(index).read_text().splitlines()[1:]:
+                yield t, line.split()
+
     def samples(self) -> np.ndarray:
         """One row per sample: tar number, jpg offset, jpg size, cls offset, cls size."""
         rows = []
-        for t, index in enumerate(self.indexes):
-            for line in Path(index).read_text().splitlines()[1:]:
-                parts = line.split()
-                fields = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
-                rows.append((t, *fields["jpg"], *fields["cls"]))
+        for t, parts in self._entries():
+            fields = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
+            rows.append((t, *fields["jpg"], *fields["cls"]))
         return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
     def sample_names(self) -> list[str]:
         """Each sample as a user finds it: "DATA/shards/train-000003.tar: 00000012_n01440764_13" (tar, key)."""
-        names = []
-        for tar, index in zip(self.tars, self.indexes):
-            for line in Path(index).read_text().splitlines()[1:]:
-                names.append(f"{tar}: {line.split()[3].rsplit('.', 1)[0]}")
-        return names
+        return [f"{self.tars[t]}: {parts[3].rsplit('.', 1)[0]}" for t, parts in self._entries()]
 
     def sample_checksums(self) -> np.ndarray | None:
         """N x 2 uint32 (.jpg, .cls) checksums in sample order, or None when a shard has none."""

@@ -49,9 +49,9 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"--resume {path}: cannot load it as a checkpoint ({type(e).__name__}: {e})") from None
 
 
-def differences(saved: dict, config: dict, classes: list, saved_classes) -> list[str]:
-    """The RUN_KEYS (and classes) in which a checkpoint's run differs from this one, as 'key: A there, B here'."""
-    out = [f"{k}: {saved.get(k)!r} there, {config.get(k)!r} here" for k in RUN_KEYS if saved.get(k) != config.get(k)]
+def differences(saved: dict, config: dict, classes: list, saved_classes, keys=RUN_KEYS) -> list[str]:
+    """The `keys` (and classes) in which a checkpoint's run differs from this one, as 'key: A there, B here'."""
+    out = [f"{k}: {saved.get(k)!r} there, {config.get(k)!r} here" for k in keys if saved.get(k) != config.get(k)]
     if saved_classes is not None and list(saved_classes) != list(classes):
         out.append(f"classes: {len(saved_classes)} there, {len(classes)} here"
                    + ("" if len(saved_classes) != len(classes) else " (other names)"))
@@ -69,8 +69,7 @@ def resolve_resume(resume: str | None, output_dir: Path, config: dict, classes: 
     output_dir = Path(output_dir)
     if resume not in (None, "auto", ""):
         state = load(resume)
-        changed = [d for d in differences(state.get("config") or {}, config, classes, state.get("classes"))
-                   if d.startswith(("arch:", "classes:"))]
+        changed = differences(state.get("config") or {}, config, classes, state.get("classes"), keys=("arch",))
         if changed:
             raise CheckpointError(f"--resume {resume}: it holds another network ({'; '.join(changed)}): resume "
                                   f"with the same --arch and dataset, or start from its weights with --pretrained")
