@@ -31,7 +31,7 @@ from engine.step import DeviceInput, TrainStep
 from engine.tensorboard import ScalarWriter
 from loaders import build_loader, loader_options
 from model import create_model, load_pretrained
-from model.mobilenetv3 import set_bn_eps
+from model.mobilenetv3 import get_bn_eps, set_bn_eps
 
 
 def prepare_data(args, runtime) -> Path:
@@ -97,11 +97,6 @@ def build_model(args, num_classes: int, device: torch.device, log):
                 m.momentum = args.bn_momentum
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     return model.to(device, memory_format=memory_format)
-
-
-def bn_eps(model: torch.nn.Module) -> float:
-    """The BatchNorm eps the network runs with: not in a state_dict, so checkpoints carry it."""
-    return next(m.eps for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
 
 def build_augment(args, num_classes: int):
@@ -213,12 +208,13 @@ def main(argv=None):
     log(f"training {args.arch} on {len(classes)} classes with --loader {args.loader}: {args.epochs} epochs x "
         f"{steps_per_epoch} steps, global batch {args.batch_size} on {runtime.world_size} x {device}, "
         f"{precision.name}, output {out_dir}")
+
     def save_checkpoint(epochs_done: int, next_batch: int, **extra) -> dict:
         """checkpoint.pth (rank 0) at a step boundary: `epochs_done` epochs and `next_batch` batches
         of the next one trained, with the RNG state that continues from exactly there."""
         state = dict(model=eval_model.state_dict(), optimizer=optimizer.state_dict(),
                      scaler=step.scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                     config=config, classes=classes, bn_eps=bn_eps(eval_model), best_acc1=best_acc1,
+                     config=config, classes=classes, bn_eps=get_bn_eps(eval_model), best_acc1=best_acc1,
                      epoch=epochs_done, next_batch=next_batch, rng=ckpt.rng_state(), **extra)
         if runtime.is_main:
             ckpt.save_atomic(state, out_dir / ckpt.CHECKPOINT)

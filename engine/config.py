@@ -14,6 +14,7 @@ from core.errors import ConfigError
 from engine.resolution import ResolutionSchedule
 from engine.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig, ScheduleConfig
 from loaders import LOADERS, DALIOptions, FFCVOptions
+from loaders.common import VAL_CROP_RATIO
 
 OPT, SCHED = OptimizerConfig(), ScheduleConfig()  # the recipe's defaults live there
 
@@ -114,7 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="val crop size(s) in px: the crop of an image whose shorter side is resized to res / --val-crop-ratio. "
              "Several (224,256) with --evaluate: one Acc@1 line each; in training the first is used. "
              "Default: the final train resolution")
-    add("--val-crop-ratio", type=float, default=0.875, help="val crop / resized shorter side (224 of 256)")
+    add("--val-crop-ratio", type=float, default=VAL_CROP_RATIO, help="val crop / resized shorter side (224 of 256)")
     add("--eval-flip", action="store_true", help="evaluate on the mean logits of each image and its mirror image")
     add("--dropout", type=float, default=0.2, help="dropout before the classifier")
     add("--drop-path", type=float, default=0.0,
@@ -122,8 +123,7 @@ def get_args_parser() -> argparse.ArgumentParser:
              "branch with rate x i / n (timm's recipe: 0.2)")
     add("--bn-eps", type=float, default=None,
         help="BatchNorm eps; default: that of the --pretrained file's format (timm 1e-5, "
-             "torchvision 1e-3), else 1e-3. Not saved in checkpoints: resume or evaluate a run "
-             "started from timm's weights with the same --pretrained or --bn-eps 1e-5")
+             "torchvision 1e-3), else 1e-3; a resumed or evaluated checkpoint brings the eps it was trained with")
     add("--ra-magnitude-std", type=float, default=0.0,
         help="RandAugment: draw each op's magnitude bin from N(--ra-magnitude, this), clipped to "
              "0..30; timm's mstd x 3 (timm's mstd0.5 = 1.5); inf: uniform in 0..--ra-magnitude")
@@ -144,7 +144,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--ffcv-order", default=FFCVOptions.order, choices=["random", "quasi_random"], help="FFCV traversal order")
     add("--os-cache", action=argparse.BooleanOptionalAction, default=FFCVOptions.os_cache,
         help="FFCV: let the OS page cache hold the .beton (best when it fits in RAM)")
-    add("--dali-decode", default=DALIOptions.decode, choices=["cpu", "mixed"], help="DALI: decode on the CPU or with nvJPEG")
+    add("--dali-decode", default=DALIOptions.decode, choices=["cpu", "mixed"],
+        help="DALI: decode on the CPU or with nvJPEG")
     add("--warmup-steps-timing", type=int, default=5,
         help="steps at the start of each epoch left out of the img/s figure")
     return p

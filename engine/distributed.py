@@ -44,10 +44,10 @@ def resolve_kind(requested: str) -> str:
         return "npu" if _npu_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES / the driver), "
-                         "or use --device cpu")
+                          "or use --device cpu")
     if requested == "npu" and not _npu_available():
         raise ConfigError("--device npu: torch_npu is not installed or sees no NPU: install Ascend's torch_npu "
-                         "matching torch 2.14 (pip install torch-npu) and its CANN toolkit, or use --device cpu")
+                          "matching torch 2.14 (pip install torch-npu) and its CANN toolkit, or use --device cpu")
     return requested
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.dataset import check_class_map, read_class_map  # noqa: F401  (loaders use them from here)
 from core.errors import LoaderError
 from core.shards import Shards, find_shards
 

@@ -241,6 +241,11 @@ def set_bn_eps(module: nn.Module, eps: float) -> None:
             m.eps = eps
 
 
+def get_bn_eps(module: nn.Module) -> float:
+    """The eps its BatchNorms run with (set_bn_eps keeps them all the same): checkpoints carry it."""
+    return next(m.eps for m in module.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 def mobilenetv3_large(width: float = 1.0, **kwargs) -> MobileNetV3:
     return MobileNetV3(LARGE, width, **kwargs)
 
