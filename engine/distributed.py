@@ -2,6 +2,7 @@
 
 The same command runs on one CPU, one GPU/NPU, or N of them under torchrun.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -51,11 +52,14 @@ def resolve_kind(requested: str) -> str:
     return requested
 
 
-def setup(requested: str = "auto", device_id: int | None = None, deterministic: bool = False) -> Runtime:
+def setup(requested: str = "auto", device_id: int | None = None, deterministic: bool = False,
+          cuda_graphs: bool = False) -> Runtime:
     """The device (always with an index on an accelerator) and, under torchrun, the process group.
 
     deterministic: deterministic algorithms (bitwise repeatable on the CPU); otherwise cudnn picks
-    the fastest convolution algorithms for the shapes it sees."""
+    the fastest convolution algorithms for the shapes it sees. cuda_graphs: the step will be
+    captured, DDP's all-reduces with it, which PyTorch's CUDA graphs notes say needs NCCL's async
+    error handling off before the process group starts."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -73,8 +77,21 @@ def setup(requested: str = "auto", device_id: int | None = None, deterministic: 
     elif kind == "cuda":
         torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
+        if cuda_graphs and kind == "cuda":
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
         dist.init_process_group(BACKENDS[kind], device_id=device if kind != "cpu" else None)
     return Runtime(device, rank, world_size, local_rank)
+
+
+def wrap_ddp(model: torch.nn.Module, runtime: Runtime, graph_stream=None) -> torch.nn.Module:
+    """DistributedDataParallel around `model` under torchrun (the model itself otherwise). Built on
+    `graph_stream` when the step will be captured: PyTorch's recipe for capturing a whole backward
+    with DDP's all-reduces in it (engine.step.StepGraph)."""
+    if not runtime.distributed:
+        return model
+    device_ids = [runtime.device.index] if runtime.device.type != "cpu" else None
+    with torch.cuda.stream(graph_stream) if graph_stream is not None else contextlib.nullcontext():
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def cleanup():

@@ -17,6 +17,7 @@ from engine.distributed import Runtime, all_reduce_sum, any_rank
 from engine.faults import StepBoundaryLoader
 from engine.meter import StepMeter
 from engine.metrics import correct_topk
+from engine.optim import current_lr
 from engine.precision import Precision
 from engine.step import DeviceInput, TrainStep, sync
 
@@ -103,7 +104,7 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
 
 def log_window(plan: EpochPlan, i: int, loss: torch.Tensor, step: TrainStep, window: dict, bar,
                skipped_before: torch.Tensor):
-    lr, loss = step.optimizer.param_groups[0]["lr"], loss.item()
+    lr, loss = current_lr(step.optimizer), loss.item()
     if plan.on_window is not None:
         plan.on_window(plan.first_step + i, {"loss": loss, "lr": lr, "imgs_per_s": window["imgs_per_s"],
                                              "data_wait_frac": window["data_wait_frac"]})
