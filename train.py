@@ -25,9 +25,9 @@ from engine.faults import LoaderFailed
 from engine.loop import EpochPlan, evaluate, train_one_epoch
 from engine.metrics import (append_jsonl, hardware, keep_jsonl, per_class_report, plot_history, read_jsonl,
                             write_json_atomic)
-from engine.optim import build_optimizer
+from engine.optim import build_optimizer, current_lr, portable_state_dict
 from engine.precision import Precision
-from engine.step import DeviceInput, TrainStep
+from engine.step import DeviceInput, TrainStep, capture_stream
 from engine.tensorboard import ScalarWriter
 from loaders import build_loader, loader_options
 from model import create_model, load_pretrained
@@ -129,7 +129,8 @@ class StopFlag:
 
 def main(argv=None):
     args = parse_config(argv)
-    runtime = distributed.setup(args.device, args.device_id, deterministic=args.deterministic)
+    runtime = distributed.setup(args.device, args.device_id, deterministic=args.deterministic,
+                                cuda_graphs=args.cuda_graphs)
     log = (lambda msg: print(msg, flush=True)) if runtime.is_main else (lambda msg: None)
     if args.batch_size % runtime.world_size:
         raise ConfigError(f"--batch_size {args.batch_size} is the global batch and must divide by the "
@@ -145,6 +146,8 @@ def main(argv=None):
     config, classes = to_dict(args), val_loader.classes
     device, precision = runtime.device, Precision.resolve(args.apex and args.apex_opt_level != "O0",
                                                           args.amp_dtype, runtime.device)
+    if precision.note:
+        log(f"train.py: {precision.note}")
     model = build_model(args, len(classes), device, log)
     ema = None
     if args.model_ema:
@@ -187,12 +190,15 @@ def main(argv=None):
 
     eval_model = model  # evaluation runs on the bare model: ranks may see different val batch counts
     if args.compile:
-        model = torch.compile(model)
-    if runtime.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type != "cpu" else None)
+        model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+    stream = capture_stream(device) if args.cuda_graphs else None  # DDP is built on it, for capture
+    model = distributed.wrap_ddp(model, runtime, stream)
     step = TrainStep(model, optimizer, precision, device, label_smoothing=args.label_smoothing, ema=ema,
-                     loss_scale=args.loss_scale)
+                     loss_scale=args.loss_scale, cuda_graphs=args.cuda_graphs,
+                     compile_mode=args.compile_mode if args.compile else None, graph_stream=stream)
+    noted = step.note  # why the step is not captured, one line; it may change mid-run (see StepGraph)
+    if noted:
+        log(f"train.py: {noted}")
     if state is not None and not args.evaluate:
         step.scaler.load_state_dict(state["scaler"])
     steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
@@ -207,12 +213,12 @@ def main(argv=None):
         return {}
     log(f"training {args.arch} on {len(classes)} classes with --loader {args.loader}: {args.epochs} epochs x "
         f"{steps_per_epoch} steps, global batch {args.batch_size} on {runtime.world_size} x {device}, "
-        f"{precision.name}, output {out_dir}")
+        f"{precision.name}, decoding {train_loader.decoding}, output {out_dir}")
 
     def save_checkpoint(epochs_done: int, next_batch: int, **extra) -> dict:
         """checkpoint.pth (rank 0) at a step boundary: `epochs_done` epochs and `next_batch` batches
         of the next one trained, with the RNG state that continues from exactly there."""
-        state = dict(model=eval_model.state_dict(), optimizer=optimizer.state_dict(),
+        state = dict(model=eval_model.state_dict(), optimizer=portable_state_dict(optimizer),
                      scaler=step.scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
                      config=config, classes=classes, bn_eps=get_bn_eps(eval_model), best_acc1=best_acc1,
                      epoch=epochs_done, next_batch=next_batch, rng=ckpt.rng_state(), **extra)
@@ -246,6 +252,9 @@ def main(argv=None):
                               f"the same command again to continue from there (`python convert/verify.py {data}` "
                               f"names damaged files)") from None
         skip = 0
+        if step.note != noted:
+            noted = step.note
+            log(f"train.py: {noted}")
         if stats["first_batch_s"] is not None and epoch == start_epoch:
             log(f"first batch after {stats['first_batch_s']:.1f}s (loader start-up / JIT; not in img/s)")
         if stats["interrupted"]:
@@ -260,8 +269,9 @@ def main(argv=None):
         val = evaluate(eval_model, val_loader, inputs, precision, runtime, flip=args.eval_flip)
         record = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "imgs_per_s", "data_wait_frac",
                                                                  "skipped_steps", "nonfinite_steps", "steps")},
-                  **val, "lr": optimizer.param_groups[0]["lr"], "epoch_wall_s": time.perf_counter() - epoch_start_s,
+                  **val, "lr": current_lr(optimizer), "epoch_wall_s": time.perf_counter() - epoch_start_s,
                   "bad_samples": len(getattr(train_loader, "bad_samples", [])), "res_px": res_px,
+                  "host_decoded": getattr(train_loader, "host_decoded", 0),
                   "val_res_px": val_res[0]}
         if ema is not None:
             record["ema_acc1"] = evaluate(ema.module, val_loader, inputs, precision, runtime,
@@ -289,6 +299,7 @@ def main(argv=None):
         write_json_atomic({**result, "best_acc1": best_acc1, "imgs_per_s": fps, "epochs": args.epochs,
                            "world_size": runtime.world_size, "loader": args.loader, "arch": args.arch,
                            "precision": precision.name, "global_batch": args.batch_size,
+                           "cuda_graphs": step.graph is not None,
                            "hardware": hardware(device)}, out_dir / "summary.json")
         log(f"Acc@1 {result['acc1']:.3f}  Acc@5 {result['acc5']:.3f}  FPS {fps:.1f}")
     if tensorboard:

@@ -82,7 +82,9 @@ def common_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--max-resolution", type=int, default=MAX_RES_PX, dest="max_res_px", metavar="PX",
                    help=MAX_RES_HELP)
     p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, metavar="Q",
-                   help=f"quality of the stored JPEGs, 1..100 (default {JPEG_QUALITY}, as FFCV's ImageNet recipe)")
+                   help=f"quality of the stored JPEGs, 1..100 (default {JPEG_QUALITY}, as FFCV's ImageNet recipe); "
+                        f"they are baseline 4:2:0 JPEGs, what nvJPEG's batched decoder and the GPUs' hardware "
+                        f"JPEG engines take (train.py --decode device), and the smallest at a given quality")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help=f"processes decoding and encoding images (default: all {default_workers()} cores)")
     p.add_argument("--splits", type=_split_list, default=SPLITS, metavar="LIST",

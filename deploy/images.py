@@ -1,7 +1,7 @@
 """Image files -> the model's input, through the loaders' own val preprocessing.
 
-Decoding is the torchvision loader's (torchvision.io, libjpeg-turbo: PNG, grayscale and CMYK come
-out RGB), the resize and center crop are its val transform (loaders/torchvision_loader.py
+Decoding is the torchvision loader's (loaders/device_decode.py: TorchCodec, libjpeg-turbo; PNG,
+grayscale and CMYK come out RGB), the resize and center crop are its val transform (loaders/torchvision_loader.py
 `transforms_for`), and normalisation is `loaders.normalize`: a prediction sees the pixels that
 evaluation saw. A file that does not decode is reported with its reason; the others go on.
 """
@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from core.dataset import IMAGE_EXTENSIONS
 from loaders.common import VAL_CROP_RATIO, LoaderSpec
+from loaders.device_decode import decode_image
 from loaders.torchvision_loader import transforms_for
 
 
@@ -39,7 +39,7 @@ def read_images(files, image_size: int, crop_ratio: float = VAL_CROP_RATIO
     crops, good, bad = [], [], []
     for path in files:
         try:
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            image = decode_image(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8))
         except Exception as e:  # every way a file can fail to decode: reported, and the rest answered
             bad.append((path, _reason(e)))
             continue

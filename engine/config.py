@@ -12,11 +12,13 @@ import yaml
 
 from core.errors import ConfigError
 from engine.resolution import ResolutionSchedule
-from engine.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig, ScheduleConfig
+from engine.optim import IMPLS, OPTIMIZERS, SCHEDULES, OptimizerConfig, ScheduleConfig
 from loaders import LOADERS, DALIOptions, FFCVOptions
 from loaders.common import VAL_CROP_RATIO
+from loaders.options import DECODES
 
 OPT, SCHED = OptimizerConfig(), ScheduleConfig()  # the recipe's defaults live there
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
 def _twin(flag: str) -> list[str]:
@@ -42,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--batch_size", "-b", type=int, default=128,
         help="GLOBAL batch size over all devices, as in the reference (1024 on 8 devices = 128 each)")
     add("--learning-rate", "--lr", dest="learning_rate", type=float, default=OPT.lr,
-        help="peak learning rate for the global batch")
+        help="peak learning rate for the global batch; scale it linearly with the global batch, as the reference "
+             "does (0.008 for 128, 0.064 for 1024 = 8 x 128)")
     add("--print-freq", type=int, default=10, help="log every N steps")
     add("--epochs", type=int, default=SCHED.epochs, help="number of epochs")
     add("--apex", action="store_true", help="mixed precision (torch.amp; NVIDIA apex is not needed)")
@@ -81,6 +84,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="MobileNetV3 weights file, torchvision's or timm's format (found from its keys; .pth, .bin or "
              ".safetensors; you download it, nothing is downloaded)")
     add("--opt", default=OPT.name, choices=OPTIMIZERS, help="optimizer")
+    add("--optimizer-impl", default=OPT.impl, choices=IMPLS,
+        help="optimizer kernels: fused (one kernel for all parameters; SGD on CPU/CUDA), foreach (one launch per "
+             "op over all parameters) or for-loop; auto: fused where torch has it for --opt, else foreach")
     add("--momentum", type=float, default=OPT.momentum, help="optimizer momentum")
     add("--rmsprop-alpha", type=float, default=OPT.rmsprop_alpha, help="RMSprop smoothing constant (reference: 0.9)")
     add("--rmsprop-eps", type=float, default=OPT.rmsprop_eps, help="RMSprop epsilon (reference: 0.0316)")
@@ -93,13 +99,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--model-ema-decay", type=float, default=0.9999, help="EMA decay per step")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--compile-mode", default="default", choices=COMPILE_MODES,
+        help="with --compile: torch.compile's mode; reduce-overhead adds inductor's own CUDA graphs (and then "
+             "--cuda-graphs runs eagerly; under DDP, BatchNorm's buffer updates make it skip them: pytorch "
+             "issue 139207)")
+    add("--cuda-graphs", action="store_true",
+        help="capture the whole training step (forward, loss, backward, optimizer step, EMA) in a CUDA graph per "
+             "input shape and replay it: less host time per step. fp16 keeps the scaler's step outside the graph. "
+             "Off CUDA (or where capture cannot work) one line says why and the step runs eagerly")
     add("--tensorboard", action="store_true",
         help="also write TensorBoard scalars (loss, LR, Acc@1/5, img/s, data-wait) to OUTPUT_DIR/tensorboard")
     add("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     add("--deterministic", action="store_true", help="deterministic algorithms (slower; bitwise repeatable on CPU)")
     add("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"], help="accelerator kind")
     add("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
-        help="autocast dtype with --apex: auto = float16 (with a loss scaler) on CUDA/NPU, bfloat16 on the CPU")
+        help="autocast dtype with --apex: auto = the device's fast one: bfloat16 on CUDA from Ampere on, float16 "
+             "(with a loss scaler) on Volta/Turing and NPUs, bfloat16 on CPUs with AMX, else fp32 (one line says "
+             "so); an explicit dtype is used even where it is slower than fp32")
     add("--image-size", type=int, default=224,
         help="train crop size in pixels (the fixed resolution; see --min-res for a schedule) and the val crop size")
     add("--min-res", type=int, default=None,
@@ -144,8 +160,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--ffcv-order", default=FFCVOptions.order, choices=["random", "quasi_random"], help="FFCV traversal order")
     add("--os-cache", action=argparse.BooleanOptionalAction, default=FFCVOptions.os_cache,
         help="FFCV: let the OS page cache hold the .beton (best when it fits in RAM)")
-    add("--dali-decode", default=DALIOptions.decode, choices=["cpu", "mixed"],
-        help="DALI: decode on the CPU or with nvJPEG")
+    add("--decode", default=DALIOptions.decode, choices=list(DECODES),
+        help="where JPEGs are decoded: cpu (the loader's host threads), device (where the batch trains: "
+             "--loader torchvision reads bytes and decodes the batch with nvJPEG on CUDA, or on the CPU when "
+             "that trains; --loader dali uses its mixed nvJPEG decoder, CUDA only), auto (device on CUDA "
+             "where the loader can; FFCV always decodes on the CPU)")
     add("--warmup-steps-timing", type=int, default=5,
         help="steps at the start of each epoch left out of the img/s figure")
     return p
@@ -184,6 +203,8 @@ def parse_config(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size {args.batch_size}: must be >= 1")
+    if args.compile_mode != "default" and not args.compile:
+        raise ConfigError(f"--compile-mode {args.compile_mode}: it sets the mode of --compile: add --compile")
     if args.val_res is not None:  # a recipe gives a YAML number or list, not the flag's text
         args.val_res = _int_list(args.val_res)
     return args
@@ -196,7 +217,7 @@ def to_dict(args: argparse.Namespace) -> dict:
 
 def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
     return OptimizerConfig(name=args.opt, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.wd,
-                           rmsprop_alpha=args.rmsprop_alpha, rmsprop_eps=args.rmsprop_eps)
+                           rmsprop_alpha=args.rmsprop_alpha, rmsprop_eps=args.rmsprop_eps, impl=args.optimizer_impl)
 
 
 def schedule_config(args: argparse.Namespace) -> ScheduleConfig:

@@ -30,7 +30,9 @@ The contract, the same for every loader (tested once for all in tests/test_loade
 - A batch is valid until the next few are drawn (FFCV refills its buffers): clone what you keep.
 - Normalisation (ImageNet mean/std) is not the loader's job: `normalize` runs on the device.
 - Attributes: `classes` (names in label order), `num_samples` (images this rank yields per epoch),
-  `first_batch_s` (wall seconds to the first batch of the latest epoch: worker start, JIT).
+  `first_batch_s` (wall seconds to the first batch of the latest epoch: worker start, JIT),
+  `decoding` (where and with what its JPEGs are decoded, for the log: option `decode`, see
+  loaders/options.py).
 
 Options: each loader declares its own (loaders/options.py); `options` is a dict of them, and a
 key the loader does not have is a LoaderError naming the ones it has.

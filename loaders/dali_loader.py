@@ -3,10 +3,13 @@
 Reads the record shards (`fn.readers.webdataset` with the converter's index files) or, when no
 shards exist, the ImageFolder itself (`fn.readers.file` over our own file list, so labels follow
 the same class map). Decoding, cropping and flipping are DALI CPU operators in DALI's own
-threads; no `.gpu()` anywhere. Option decode="mixed" decodes with nvJPEG on a CUDA device.
+threads; no `.gpu()` anywhere. Option decode "device" (what "auto" picks on CUDA) decodes with
+DALI's "mixed" operator instead: nvJPEG, the hardware JPEG engine taking hw_decoder_load of each
+batch, with the crop fused into the decode, and the resize and flip on the GPU; nvJPEG's buffers
+are sized up front as NVIDIA's DeepLearningExamples size them, so they are not reallocated.
 
 Options: shards_dir (default DATA/shards), source ("auto" | "shards" | "folder"),
-decode ("cpu" | "mixed"), prefetch (batches queued ahead, default 2).
+decode ("auto" | "cpu" | "device"), prefetch (batches queued ahead, default 2), hw_decoder_load.
 
 Train: the pipeline is an endless stream (the reader moves on to the next shard at each of its
 own epochs) from which every rank takes the same number of full batches per epoch, so shard
@@ -32,6 +35,9 @@ from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, 
                             to_device, use_shards, val_resize_px)
 
 MAX_LABEL_DIGITS = 8  # .cls holds the label as ASCII decimal
+# nvJPEG's buffers sized for the largest ImageNet image up front (NVIDIA DeepLearningExamples, RN50)
+NVJPEG_DEVICE_PADDING_BYTES = 211_025_920
+NVJPEG_HOST_PADDING_BYTES = 140_544_512
 
 
 def _ascii_labels(raw: torch.Tensor) -> torch.Tensor:
@@ -49,9 +55,10 @@ class DALILoader:
         self.spec = spec
         self.shards = use_shards(spec)
         self.use_shards = self.shards is not None
-        self.decode = spec.options.decode
+        self.decode = "mixed" if spec.options.resolved_decode(spec.device) == "device" else "cpu"
         if self.decode == "mixed" and not (spec.device.type == "cuda" and torch.cuda.is_available()):
-            raise LoaderError("--dali-decode mixed needs a CUDA device: use --dali-decode cpu")
+            raise LoaderError(f"--decode device: --loader dali decodes on a CUDA device only, not {spec.device} "
+                              f"(use --decode cpu, or --loader torchvision, which decodes on any device)")
         if self.use_shards:
             self.classes = self.shards.classes
             self.tars = [str(t) for t in self.shards.tars]
@@ -63,6 +70,8 @@ class DALILoader:
             self.paths = [str(p) for p in index.paths]
             self.labels = np.asarray(index.labels, dtype=np.int32)
             self.total = len(self.paths)
+        self.decoding = (f"on {spec.device} by DALI's mixed decoder (nvJPEG)" if self.decode == "mixed"
+                         else f"in {max(1, spec.workers)} DALI CPU thread(s)")
         self.epoch = 0
         self.resolution = spec.image_size
         self.first_batch_s = None
@@ -123,18 +132,24 @@ class DALILoader:
             if spec.train:
                 images = fn.decoders.image_random_crop(
                     jpegs, device=self.decode, output_type=types.RGB, random_area=list(RRC_SCALE),
-                    random_aspect_ratio=list(RRC_RATIO), num_attempts=10)
+                    random_aspect_ratio=list(RRC_RATIO), num_attempts=10, **self._nvjpeg_hints())
                 images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                                    antialias=True)
                 images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
             else:
-                images = fn.decoders.image(jpegs, device=self.decode, output_type=types.RGB)
+                images = fn.decoders.image(jpegs, device=self.decode, output_type=types.RGB, **self._nvjpeg_hints())
                 images = fn.resize(images, resize_shorter=val_resize_px(size, spec.val_crop_ratio),
                                    interp_type=types.INTERP_LINEAR, antialias=True)
                 images = fn.crop(images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5)
             return images, labels
 
         return pipe()
+
+    def _nvjpeg_hints(self) -> dict:
+        if self.decode != "mixed":
+            return {}
+        return dict(device_memory_padding=NVJPEG_DEVICE_PADDING_BYTES, host_memory_padding=NVJPEG_HOST_PADDING_BYTES,
+                    hw_decoder_load=self.spec.options.hw_decoder_load)
 
     def _val_batches(self):
         if self._val_px != self.resolution:

@@ -80,6 +80,7 @@ class FFCVLoader:
                                  **common)
         self.num_samples = len(self.loader) * spec.batch_size if spec.train else len(self.loader.indices)
         self.first_batch_s = None
+        self.decoding = f"in {threads} FFCV CPU thread(s)"  # --decode device is refused in FFCVOptions
 
     @staticmethod
     def _count(path: Path) -> int:

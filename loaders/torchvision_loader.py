@@ -1,17 +1,23 @@
 """The fallback loader: needs no conversion, reads the ImageFolder directly (or the record
 shards when present: option source "auto" | "shards" | "folder", shards_dir).
 
-Decodes with libjpeg-turbo through torchvision.io (PNG, CMYK and grayscale come out RGB), crops
+Decodes with libjpeg-turbo through TorchCodec (loaders/device_decode.py; PNG, CMYK and grayscale
+come out RGB), crops
 with transforms v2 on uint8 tensors (no PIL round trip), and batches in DataLoader workers that
 persist across epochs. Augmentation is seeded per sample from (seed, epoch, index), so it does not
 depend on which worker drew the sample: a resumed run sees the same crops as an unbroken one.
 The output size travels with each sample's key from the sampler, because the persistent workers
 hold their own copies of the dataset: set_resolution changes what the next epoch's keys carry.
+
+Option decode "device" (what "auto" picks on CUDA): the workers only read each JPEG's bytes and
+draw its crop and flip, from the same per-sample seed as the host path, so the boxes are the
+same; the batch is decoded, cropped and resized where it trains (loaders/device_decode.py), one
+batch ahead of the step. Images nvJPEG's batched decoder does not take (progressive, CMYK,
+grayscale, PNG) are decoded by their worker instead and counted in `host_decoded`.
 """
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from core.dataset import split_index
@@ -19,6 +25,7 @@ from core.errors import LoaderError
 from core.manifest import crc32c
 from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, epoch_indices, num_batches,
                             pin_if_useful, timed_epoch, to_device, use_shards, val_resize_px)
+from loaders.device_decode import DECODER, DeviceStage, decode_image, jpeg_header, prefetch
 
 
 class _RandomResizedCropFlip:
@@ -33,12 +40,18 @@ class _RandomResizedCropFlip:
 
     def __call__(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
         size = size or self.size
-        top, left, h, w = v2.RandomResizedCrop.get_params(image, scale=list(RRC_SCALE), ratio=list(RRC_RATIO))
+        top, left, h, w, flip = self.params(*image.shape[-2:])
         crop = image[:, top:top + h, left:left + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
         out = v2.functional.resize(crop, [size, size], antialias=True)
-        if torch.rand(1) < 0.5:
-            out = out.flip(-1)
-        return out[0]
+        return (out.flip(-1) if flip else out)[0]
+
+    @staticmethod
+    def params(height: int, width: int) -> list[int]:
+        """[top, left, h, w, flip] for an image of height x width, drawn from the global generator:
+        what the device path needs, and the same draws, in the same order, as the host path."""
+        shape_only = torch.empty(1, dtype=torch.uint8).expand(3, height, width)  # get_params reads the size
+        box = v2.RandomResizedCrop.get_params(shape_only, scale=list(RRC_SCALE), ratio=list(RRC_RATIO))
+        return [*box, int(torch.rand(1) < 0.5)]
 
 
 class _ResizeCenterCrop:
@@ -63,24 +76,48 @@ def transforms_for(spec: LoaderSpec):
 
 class _Images(Dataset):
     """Item key (index, epoch, size) -> (uint8 3 x size x size image, label), or (None, index) for
-    a sample whose bytes fail their checksum (the batch leaves it out and the loader counts it)."""
+    a sample whose bytes fail their checksum (the batch leaves it out and the loader counts it).
+
+    With decode_on_device: (payload, label, params, index, size), payload being the JPEG's bytes
+    (1-D) or, for an image the device decoder does not take, the decoded 3 x H x W image; params
+    [top, left, h, w, flip] (train) or [h, w] (val). A damaged sample: (None, .., index, size)."""
 
     def __init__(self, transform, seed: int):
-        self.transform, self.seed = transform, seed
+        self.transform, self.seed, self.decode_on_device = transform, seed, False
 
     def __getitem__(self, key):
         index, epoch, size = key
         data, label = self.read(index)
+        if self.decode_on_device:
+            return self._bytes_item(data, label, index, epoch, size)
         if data is None:
             return None, index
-        try:
-            image = decode_image(data, mode=ImageReadMode.RGB)
-        except RuntimeError as e:  # name the sample: the trainer's message carries this line
-            raise LoaderError(f"{self.name(index)}: cannot decode it ({str(e).strip()})") from None
+        self._seed(index, epoch)
+        return self.transform(self._decode(data, index), size), label
+
+    def _bytes_item(self, data, label, index: int, epoch: int, size: int):
+        if data is None:
+            return None, None, None, index, size
+        header = jpeg_header(data.numpy().tobytes())
+        if header is not None and header[2]:
+            height, width = header[:2]
+        else:  # decoded here; the batch carries the pixels
+            data = self._decode(data, index)
+            height, width = data.shape[-2:]
+        self._seed(index, epoch)
+        train = isinstance(self.transform, _RandomResizedCropFlip)
+        return data, label, self.transform.params(height, width) if train else [height, width], index, size
+
+    def _seed(self, index: int, epoch: int):
         # The CPU generator alone: torch.manual_seed also queues seeds for every accelerator
         # backend, ~80x the cost, paid per image.
         torch.default_generator.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
-        return self.transform(image, size), label
+
+    def _decode(self, data: torch.Tensor, index: int) -> torch.Tensor:
+        try:
+            return decode_image(data)
+        except RuntimeError as e:  # name the sample: the trainer's message carries this line
+            raise LoaderError(f"{self.name(index)}: cannot decode it ({str(e).strip()})") from None
 
 
 class _FolderImages(_Images):
@@ -92,7 +129,8 @@ class _FolderImages(_Images):
         return len(self.paths)
 
     def read(self, index):
-        return read_file(str(self.paths[index])), self.labels[index]
+        with open(self.paths[index], "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), self.labels[index]
 
     def name(self, index) -> str:
         return str(self.paths[index])
@@ -164,9 +202,31 @@ def _collate(items):
     return out.permute(0, 3, 1, 2), torch.tensor([label for _, label in items], dtype=torch.int64), damaged
 
 
+def _collate_bytes(items):
+    """decode_on_device items -> ((blob, sizes, host_images, params, indices, size), labels, damaged):
+    the batch's JPEGs back to back in one buffer (in shared memory inside a worker), sizes[i] 0
+    where sample i comes decoded in host_images instead."""
+    damaged = [item[3] for item in items if item[0] is None]
+    items = [item for item in items if item[0] is not None]
+    jpegs = [payload for payload, *_ in items if payload.dim() == 1]
+    blob = torch.empty(sum(j.numel() for j in jpegs), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        blob.share_memory_()
+    if jpegs:
+        torch.cat(jpegs, out=blob)
+    sizes = torch.tensor([p.numel() if p.dim() == 1 else 0 for p, *_ in items], dtype=torch.int64)
+    host_images = [p for p, *_ in items if p.dim() == 3]
+    params = torch.tensor([item[2] for item in items], dtype=torch.int64)
+    indices = torch.tensor([item[3] for item in items], dtype=torch.int64)
+    size = items[0][4] if items else 0
+    labels = torch.tensor([item[1] for item in items], dtype=torch.int64)
+    return (blob, sizes, host_images, params, indices, size), labels, damaged
+
+
 class TorchvisionLoader:
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
+        self.decode = spec.options.resolved_decode(spec.device)
         shards = use_shards(spec)
         if shards is not None:
             self.classes = shards.classes
@@ -176,10 +236,13 @@ class TorchvisionLoader:
             self.classes = index.classes
             self.dataset = _FolderImages(index.paths, index.labels, transforms_for(spec), spec.seed)
         self.sampler = _EpochSampler(len(self.dataset), spec)
+        self.dataset.decode_on_device = on_device = self.decode == "device"
+        self.stage = DeviceStage(spec.device, spec.train, spec.val_crop_ratio, self.dataset.name) if on_device else None
         workers = max(0, spec.workers)
         self.dataloader = DataLoader(
             self.dataset, batch_size=spec.batch_size, sampler=self.sampler, num_workers=workers,
-            collate_fn=_collate, pin_memory=pin_if_useful(spec.device), drop_last=spec.train,
+            collate_fn=_collate_bytes if on_device else _collate,
+            pin_memory=pin_if_useful(spec.device) and not on_device, drop_last=spec.train,
             persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
             # Its own generator: a new iterator draws a worker base seed, and drawing it from the
             # global RNG would shift dropout's stream whenever workers (re)start, e.g. on resume.
@@ -187,6 +250,8 @@ class TorchvisionLoader:
         self.num_samples = len(self.sampler)
         self.first_batch_s = None
         self.bad_samples = []  # names of the distinct damaged samples left out so far (shards with checksums)
+        self.decoding = (f"on {spec.device} in batches ({DECODER}{', nvJPEG' if spec.device.type == 'cuda' else ''})"
+                         if on_device else f"in {workers or 'the main'} worker process(es) ({DECODER})")
 
     def set_epoch(self, epoch: int):
         self.sampler.epoch = epoch
@@ -204,12 +269,30 @@ class TorchvisionLoader:
     def __iter__(self):
         return timed_epoch(self, self._batches())
 
+    @property
+    def host_decoded(self) -> int:
+        """decode "device": images decoded by the workers instead (not baseline 3-component JPEGs)."""
+        return self.stage.host_decoded if self.stage is not None else 0
+
     def _batches(self):
+        if self.stage is not None:
+            yield from prefetch(self._host_batches(), self._on_device, self.spec.device)
+            return
+        for images, labels in self._host_batches():
+            yield to_device(images, labels, self.spec.device)
+
+    def _host_batches(self):
         for images, labels, damaged in self.dataloader:
             if damaged:
                 self._skip(damaged)
             if len(labels):
-                yield to_device(images, labels, self.spec.device)
+                yield images, labels
+
+    def _on_device(self, batch):
+        """A host batch of JPEG bytes -> the contract's batch (in prefetch's thread, a batch ahead)."""
+        (blob, sizes, host_images, params, indices, size), labels = batch
+        return (self.stage(blob, sizes, host_images, params, indices, size),
+                labels.to(self.spec.device, non_blocking=True))
 
     def _skip(self, damaged: list[int]):
         """Count damaged samples (each once, whichever epoch meets it again); past --max-bad-samples,

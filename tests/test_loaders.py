@@ -23,7 +23,10 @@ NAMES = list(LOADERS)
 VARIANTS = {"ffcv": ("ffcv", {}),
             "dali-shards": ("dali", {"source": "shards"}), "dali-folder": ("dali", {"source": "folder"}),
             "torchvision-shards": ("torchvision", {"source": "shards"}),
-            "torchvision-folder": ("torchvision", {"source": "folder"})}
+            "torchvision-folder": ("torchvision", {"source": "folder"}),
+            # decoded where the batch trains (here the CPU): workers read bytes, the batch is decoded at once
+            "torchvision-device": ("torchvision", {"source": "shards", "decode": "device"}),
+            "torchvision-folder-device": ("torchvision", {"source": "folder", "decode": "device"})}
 SIZE_PX = 32
 
 

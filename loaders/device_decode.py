@@ -1,0 +1,231 @@
+"""Decoding, on the host and on the device. The loader's host threads may only read JPEG bytes and
+draw each sample's crop; this module then decodes the batch where it trains (nvJPEG on CUDA,
+libjpeg-turbo when the CPU is the device) and crops, resizes and flips it there in batched form.
+
+    stage = DeviceStage(device, train=True, crop_ratio=0.875)
+    images = stage(blob, sizes, host_images, params, indices, size_px)  # uint8 N x 3 x S x S, channels_last
+    for batch in prefetch(host_batches, work, device):                  # made a batch ahead, in a thread
+
+- The decoders are two functions, `decode_image` (host, any format) and `decode_jpegs` (a batch,
+  on a device): TorchCodec's when it imports (the successor of torchvision's image decoding,
+  deprecated since torchvision 0.29; bit-identical to it on the CPU), else torchvision.io's.
+  `DECODER` names the library that runs.
+- Only baseline (sequential Huffman) three-component JPEGs go to the device decoder, the kind the
+  converters write; progressive, CMYK, grayscale and non-JPEG images are decoded on the host by
+  the worker that read them (`jpeg_header` tells them apart without decoding) and counted.
+- Crop + resize is one pair of batched matrix products per batch: for each sample a vertical and
+  a horizontal weight matrix with the antialiased bilinear (triangle) filter that torchvision's
+  resize uses on the crop, so the pixels match the host path's within rounding (its uint8 kernel
+  rounds between its two passes; this one does not). A horizontal flip is the horizontal matrix
+  reversed.
+"""
+import queue
+import threading
+import warnings
+
+import torch
+
+try:  # the successor of torchvision.io's decoders; torchvision's are the fallback
+    from torchcodec.decoders import decode_image as _decode_image
+    from torchcodec.decoders import decode_jpeg as _decode_jpeg
+    DECODER, RGB = "torchcodec", "RGB"
+except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch than this one
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as _decode_image
+    from torchvision.io import decode_jpeg as _decode_jpeg
+    DECODER, RGB = "torchvision.io", ImageReadMode.RGB
+
+# The padded batch is built as a (prototype) nested tensor: one call, no per-image launches.
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+
+SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded: nvJPEG's batched path
+SOF_OTHER = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # progressive, lossless, ...
+STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RSTn, SOI
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
+    """(height, width, device_ok) from a JPEG's frame header, or None when `data` is no JPEG.
+    device_ok: baseline or extended sequential with 3 components (YCbCr), what nvJPEG's batched
+    decoder takes; progressive, CMYK and grayscale JPEGs are not."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF or marker in STANDALONE:  # a fill byte, or a marker without a segment
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker in SOF_SEQUENTIAL or marker in SOF_OTHER:
+            if i + 10 > n:
+                return None
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return height, width, marker in SOF_SEQUENTIAL and data[i + 9] == 3
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def decode_image(data: torch.Tensor) -> torch.Tensor:
+    """Encoded bytes (JPEG, PNG, ...; a 1-D uint8 tensor) -> uint8 3 x H x W RGB on the host."""
+    return _decode_image(data, mode=RGB)
+
+
+def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG byte tensors (on the host) -> uint8 3 x H x W RGB images on `device`, in one batched call."""
+    return list(_decode_jpeg(datas, mode=RGB, device=device)) if datas else []
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, out_total: torch.Tensor, first: torch.Tensor,
+                   out_px: int, full_px: int) -> torch.Tensor:
+    """Per sample, the out_px x full_px matrix that maps an image row (or column) of full_px pixels to
+    out_px outputs: the window [start, start + length) resized to out_total pixels with the
+    antialiased bilinear filter (PIL's, as torch's antialias=True computes it, support clipped to
+    the window), outputs first .. first + out_px - 1 of it. All arguments are float N-vectors.
+
+    Train: window = the crop box, out_total = out_px, first = 0. Val: window = the whole side,
+    out_total = the resized side, first = the center crop's offset."""
+    device = start.device
+    scale = (length / out_total)[:, None, None]  # N x 1 x 1: input pixels per output pixel
+    support = scale.clamp(min=1.0)  # the triangle's half-width in input pixels
+    inv = 1.0 / support
+    center = scale * (first[:, None, None] + torch.arange(out_px, device=device)[None, :, None] + 0.5)
+    lo = (center - support + 0.5).floor().clamp(min=0)
+    hi = torch.minimum((center + support + 0.5).floor(), length[:, None, None])
+    local = torch.arange(full_px, device=device)[None, None, :] - start[:, None, None]  # window coordinates
+    weights = (1 - ((local - center + 0.5) * inv).abs()).clamp(min=0) * ((local >= lo) & (local < hi))
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def crop_boxes(params: torch.Tensor, size_px: int, train: bool, crop_ratio: float) -> tuple:
+    """The weight-matrix arguments of each sample, per axis: params is N x 5 (top, left, h, w, flip)
+    for train, N x 2 (h, w) for val (its crop is the center of the shorter side resized to
+    size_px / crop_ratio, as torchvision's Resize + CenterCrop compute it)."""
+    p = params.to(torch.float64)
+    if train:
+        top, left, h, w = p.unbind(1)[:4]
+        size = torch.full_like(h, float(size_px))
+        zero = torch.zeros_like(h)
+        return (top, h, size, zero), (left, w, size, zero)
+    h, w = p.unbind(1)
+    short_px = int(size_px / crop_ratio)  # loaders.common.val_resize_px
+    tall = h >= w
+    # torchvision: the shorter side to short_px, the longer to int(short_px * long / short)
+    out_h = torch.where(tall, (short_px * h / w).floor(), torch.full_like(h, short_px))
+    out_w = torch.where(tall, torch.full_like(w, short_px), (short_px * w / h).floor())
+    top, left = ((out_h - size_px) / 2).round(), ((out_w - size_px) / 2).round()  # CenterCrop's offsets
+    zero = torch.zeros_like(h)
+    return (zero, h, out_h, top), (zero, w, out_w, left)
+
+
+def crop_resize(images: list[torch.Tensor], params: torch.Tensor, size_px: int, train: bool,
+                crop_ratio: float) -> torch.Tensor:
+    """Decoded uint8 3 x H x W images (any sizes, one device) -> uint8 N x 3 x S x S, channels_last:
+    each sample's crop resized (and flipped, train) by two batched matrix products."""
+    device = images[0].device
+    height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    batch = torch.nested.nested_tensor(images).to_padded_tensor(0, (len(images), 3, height, width))
+    (ys, xs), params = crop_boxes(params, size_px, train, crop_ratio), params.to(device)
+    rows = resize_weights(*(v.to(device, torch.float32) for v in ys), size_px, height)
+    cols = resize_weights(*(v.to(device, torch.float32) for v in xs), size_px, width)
+    if train:  # a mirrored output is the horizontal matrix read backwards
+        cols = torch.where(params[:, 4, None, None].bool(), cols.flip(1), cols)
+    out = rows[:, None] @ batch.float() @ cols[:, None].transpose(-1, -2)  # N x 3 x S x S
+    out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+class DeviceStage:
+    """A host batch of JPEG bytes -> the contract's device batch. Counts the images that were
+    decoded on the host instead (`host_decoded`) and the batches nvJPEG refused as a whole
+    (`retried`: then each image is decoded alone, and one that still fails is an error naming it)."""
+
+    def __init__(self, device: torch.device, train: bool, crop_ratio: float, name=lambda index: str(index)):
+        self.device, self.train, self.crop_ratio, self.name = device, train, crop_ratio, name
+        self.host_decoded = self.retried = 0
+
+    def __call__(self, blob: torch.Tensor, sizes: torch.Tensor, host_images: list, params: torch.Tensor,
+                 indices: torch.Tensor, size_px: int) -> torch.Tensor:
+        sizes_list = sizes.tolist()
+        chunks = blob.split([s for s in sizes_list if s > 0])
+        decoded = iter(self._decode(list(chunks), [i for i, s in zip(indices.tolist(), sizes_list) if s > 0]))
+        host = iter(host_images)
+        images = [next(decoded) if s > 0 else next(host).to(self.device, non_blocking=True) for s in sizes_list]
+        self.host_decoded += len(host_images)
+        return crop_resize(images, params, size_px, self.train, self.crop_ratio)
+
+    def _decode(self, chunks: list[torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
+        try:
+            return decode_jpegs(chunks, self.device)
+        except RuntimeError:  # one bad image fails the whole batched call: find it
+            self.retried += 1
+            out = []
+            for chunk, index in zip(chunks, indices):
+                try:
+                    out += decode_jpegs([chunk], self.device)
+                except RuntimeError as e:
+                    from core.errors import LoaderError
+                    raise LoaderError(f"{self.name(index)}: cannot decode it on {self.device} "
+                                      f"({str(e).strip().splitlines()[0]})") from None
+            return out
+
+
+_DONE = object()
+
+
+def prefetch(batches, work, device: torch.device, depth: int = 2):
+    """Yield work(batch) for each of `batches`, computed in a thread `depth` batches ahead, on a
+    side stream on CUDA, so batch i + 1 is read and decoded while step i trains.
+
+    The nvJPEG hazard: the hardware JPEG engine does not follow CUDA stream order, so a buffer the
+    caching allocator recycles to it could still be read by kernels queued before. The thread
+    therefore waits for each batch to be complete (its side stream idle) before it starts the
+    next, and the consumer's stream adopts the batch (record_stream), so its memory returns to the
+    pool only after the consumer's kernels have run. An exception in the thread is raised here,
+    after the batches made before it, in order."""
+    out, stop = queue.Queue(maxsize=depth), threading.Event()
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def produce():
+        try:
+            for batch in batches:
+                if side is not None:
+                    with torch.cuda.stream(side):
+                        result = work(batch)
+                    side.synchronize()  # complete before the next decode may reuse its memory
+                else:
+                    result = work(batch)
+                while not stop.is_set():
+                    try:
+                        out.put(result, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            out.put(e)
+
+    thread = threading.Thread(target=produce, name="device-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if side is not None:
+                for t in item:
+                    if isinstance(t, torch.Tensor) and t.is_cuda:
+                        t.record_stream(torch.cuda.current_stream(device))
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting to put, then let it finish its batch
+            try:
+                out.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
