@@ -9,6 +9,9 @@
 # PyModule_Create2, so the extension is renamed to the suffix every CPython imports (.so) and runs
 # under another Python version. DEST/lib: the shared libraries _libffcv links, from this machine,
 # except the C and C++ runtimes, which the other machine's own (newer) ones must provide.
+# DEST/torchcodec: TorchCodec's wheel for the other machine's Python (TORCHCODEC_PYTHON, 3.12), the
+# decoder --decode device prefers. It is built for this machine's torch; accelerator.sh puts it on
+# the path only where it imports there, else the loaders use torchvision.io's decoders and say so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.h200}
@@ -29,6 +32,16 @@ ldd "$DEST/site/ffcv/_libffcv.so" | awk '/=> \// {print $3}' | while read -r lib
     *) cp -L "$lib" "$DEST/lib/" ;;
   esac
 done
+wheels=$(mktemp -d)
+if $PYTHON -m pip download -q "torchcodec==$($PYTHON -c 'import torchcodec; print(torchcodec.__version__.split("+")[0])')" \
+     --no-deps --only-binary=:all: --python-version "${TORCHCODEC_PYTHON:-3.12}" \
+     --platform manylinux_2_28_x86_64 -d "$wheels"; then
+  rm -rf "$DEST/torchcodec" && mkdir -p "$DEST/torchcodec"
+  $PYTHON -m zipfile -e "$wheels"/torchcodec-*.whl "$DEST/torchcodec/"
+else
+  echo "carry_ffcv: no torchcodec wheel for Python ${TORCHCODEC_PYTHON:-3.12}: the other machine decodes with torchvision.io"
+fi
+rm -rf "$wheels"
 if [ "$DEST" = .h200 ] && ! grep -qsx "/.h200/" .git/info/exclude; then
   mkdir -p .git/info && echo "/.h200/" >>.git/info/exclude
 fi

@@ -343,6 +343,16 @@ def bar_chart(path, bars: list[tuple], title: str, xlabel: str, reference: tuple
     return path
 
 
+def save_result(benchmark: str, args, result: dict) -> Path:
+    """A benchmark result that is not a table of rows (see Report for those): with the command and
+    the environment added, written atomically to --json. Returns the path."""
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"benchmark": benchmark, "command": " ".join([f"python bench/{benchmark}.py", *sys.argv[1:]]),
+                       **result, "environment": environment()}, path)
+    return path
+
+
 class Report:
     """One benchmark run's record: opened before the measurement (command, load average, clock),
     written after it (table, targets, JSON, chart)."""

@@ -54,6 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="our torchvision loader reads the shards (auto: when they exist, as the loader "
                         "does) or the ImageFolder; its bare row reads the same bytes")
     p.add_argument("--device", default="cpu", help="where our loaders deliver batches (cpu, cuda, cuda:1)")
+    p.add_argument("--device-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="also a 'torchvision device-decode' row: its workers read JPEG bytes, the batch is decoded "
+                        "on --device (nvJPEG on CUDA); default: on when --device is not the CPU")
+    p.add_argument("--device-decode-workers", type=int, default=3,
+                   help="that row's reading workers (with the thread that hands batches to the device: its host cores)")
     p.add_argument("--seed", type=int, default=0, help="shuffling and augmentation seed")
     add_output_flags(p, "loader_fps")
     return p
@@ -139,6 +144,10 @@ def plan_rows(args) -> list[Pipeline]:
     for lib in args.loaders:
         rows += [Pipeline(lib, lib, "ours", partial(build_ours, library=lib), args),
                  Pipeline(f"{lib} bare", lib, "bare", BARE[lib], args)]
+    if args.device_decode and "torchvision" in args.loaders:
+        rows += [Pipeline("torchvision device-decode", "torchvision", "ours",
+                          partial(build_ours, library="torchvision", decode="device"), args),
+                 Pipeline("device-decode host part", "torchvision", "host part", build_host_part, args)]
     for source in dict.fromkeys(limit_source(lib, args) for lib in [*args.loaders, "stock"]):
         rows.append(Pipeline(f"decode limit: {source}", "limit", "limit", partial(build_limit, source=source), args))
     return rows
@@ -160,20 +169,44 @@ def _consume(batches, device):
     return n, first_s
 
 
-def build_ours(args, library: str):
+def build_ours(args, library: str, decode: str = "cpu"):
+    """Our loader; decode "device": the torchvision loader decoding on --device with fewer workers."""
     import torch
     from loaders import build_loader
     device = torch.device(args.device)
     options = {"ffcv": {"beton_dir": str(args.beton_dir)},
                "dali": {"shards_dir": str(args.shards_dir), "source": args.dali_source},
                "torchvision": {"shards_dir": str(args.shards_dir), "source": args.torchvision_source}}
+    workers = args.device_decode_workers if decode == "device" else args.workers
     loader = build_loader(library, split=args.split, data=args.data, batch_size=args.batch_size,
-                          workers=args.workers, image_size=args.image_size, seed=args.seed, device=device,
-                          options=options[library])
+                          workers=workers, image_size=args.image_size, seed=args.seed, device=device,
+                          options={**options[library], "decode": decode})
 
     def run_epoch(epoch):
         loader.set_epoch(epoch)
         return _consume(loader, device)[0], loader.first_batch_s
+    return run_epoch
+
+
+def build_host_part(args):
+    """What the device-decode row's host does alone: its workers read each JPEG's bytes, parse its
+    header and draw its crop, and the batches of bytes reach the main process; nothing is decoded.
+    Its img/s per core is the host's share of decoding on the device."""
+    import torch
+    from loaders import build_loader
+    loader = build_loader("torchvision", split=args.split, data=args.data, batch_size=args.batch_size,
+                          workers=args.device_decode_workers, image_size=args.image_size, seed=args.seed,
+                          device=torch.device(args.device), options={"shards_dir": str(args.shards_dir),
+                                                                     "source": args.torchvision_source,
+                                                                     "decode": "device"})
+
+    def run_epoch(epoch):
+        loader.set_epoch(epoch)
+        start_s, first_s, n = time.perf_counter(), None, 0
+        for _, labels in loader._host_batches():
+            first_s = first_s if first_s is not None else time.perf_counter() - start_s
+            n += len(labels)
+        return n, first_s
     return run_epoch
 
 
@@ -410,7 +443,7 @@ def summarize(rows: list[Pipeline], results: dict, args) -> list[dict]:
                     "images_per_epoch": sum(r["images"] for r in result["runs"]) // len(result["runs"]),
                     **stats(result), "x_stock": paired(result, results["stock"])["median"],
                     "of_bare": bare.get("median"), "of_bare_min": bare.get("min"), "of_bare_max": bare.get("max"),
-                    "of_limit": paired(result, limit)["median"] if row.kind != "limit" else None})
+                    "of_limit": paired(result, limit)["median"] if row.kind in ("ours", "stock", "bare") else None})
     return out
 
 
@@ -430,6 +463,8 @@ def main(argv=None):
     unknown = [s for s in args.loaders if s not in LOADER_NAMES]
     if unknown or not args.loaders:
         raise ConfigError(f"--loaders {','.join(unknown) or '(empty)'}: choose from {','.join(LOADER_NAMES)}")
+    if args.device_decode is None:
+        args.device_decode = args.device != "cpu"
     if args.epochs < 1 or args.warmup_epochs < 0 or args.lead_in < 0 or args.batch_size < 1 or args.workers < 1:
         raise ConfigError("--epochs, --batch-size and --workers must be >= 1, --warmup-epochs and --lead-in >= 0")
     import torch, torchvision  # noqa: F401,E401  (imported once here, not in every forked row)
@@ -445,12 +480,13 @@ def main(argv=None):
                 "image_size_px": args.image_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
                 "lead_in_epochs": args.lead_in, "max_res_px": args.max_res_px, "write_mode": args.write_mode,
                 "jpeg_quality": JPEG_QUALITY, "device": args.device, "reads": args.reads,
+                "device_decode_workers": args.device_decode_workers if args.device_decode else None,
                 "beton_dir": str(args.beton_dir), "shards_dir": str(args.shards_dir),
                 "storage": storage(args)}
     stock = next(r["imgs_per_s"] for r in out if r["kind"] == "stock")
     return report.write(args, setting, settings, out, COLUMNS, [bar(r) for r in out],
                         "images/s (median, min-max whiskers)", reference=(stock, "stock"),
-                        modules=("torchvision", "ffcv", "nvidia.dali", "numpy"))
+                        modules=("torchvision", "torchcodec", "ffcv", "nvidia.dali", "numpy"))
 
 
 if __name__ == "__main__":

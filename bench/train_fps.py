@@ -3,14 +3,24 @@ end to end with each loader; input stall = 1 - end-to-end / model-only. CPU, CUD
 
     python bench/train_fps.py [--data DIR] [--loaders ffcv,dali,torchvision] [--steps N] [--json PATH]
     python bench/train_fps.py --device cuda --arch mobilenetv3_large_100 --image-size 224 --amp \\
-        --amp-dtype bfloat16 --batch-size 256 --workers 16 --data DIR [--compile]        (--help: all)
+        --amp-dtype bfloat16 --batch-size 256 --workers 16 --data DIR [--compile] \\
+        [--compile-modes default,max-autotune-no-cudagraphs,reduce-overhead] [--cuda-graphs] \\
+        [--batch-sizes 512,1024]                                                          (--help: all)
 
-Rows, all through the same TrainStep, model, precision and memory format:
-  model only        a uint8 batch made once and kept on the device: the ceiling
-  model + augment   the same through augment.DeviceAugment with the recipe's policy (ImageNet
+Rows, all through the trainer's TrainStep with the same model, precision and memory format:
+  model only        a uint8 batch made once and kept on the device: the ceiling (eager, or
+                    compiled in default mode with --compile)
+  model only, compiled MODE   the same, torch.compile(mode=MODE), one row per --compile-modes
+  model only, graphed         the same, the whole step captured as a CUDA graph (--cuda-graphs;
+                    left out, with one line saying why, where it cannot be captured)
+  ..., batch N      each of those at another batch size (--batch-sizes): which batch is best
+  model + augment   model only through augment.DeviceAugment with the recipe's policy (ImageNet
                     AutoAugment, random erasing 0.2): its share = 1 - this / model only
   e2e <loader>      batches from build_loader(<loader>), whole epochs of at least --steps steps,
                     each right after one untimed epoch of the loader alone (its lead-in)
+`of model` is each row against model only in the same round: a compiled or graphed row's speed-up.
+With --cuda-graphs (where capture works) the e2e rows train through the graphed step and their
+`of model` and stall are against "model only, graphed".
 On the CPU the loader and the model share the cores, so the stall is the CPU the loader takes
 from the model as well as any waiting; `wait %` (time blocked in next(loader)) tells them apart.
 """
@@ -23,11 +33,13 @@ import torch
 
 from bench.harness import Report, Row, add_output_flags, cores, measure, paired, stats
 from core.errors import ConfigError, run_command
+from engine.config import COMPILE_MODES
 from engine.distributed import setup
 from engine.optim import OptimizerConfig, build_optimizer
 from engine.precision import Precision
-from engine.step import DeviceInput, TrainStep, sync
+from engine.step import WARMUP_STEPS, DeviceInput, TrainStep, graph_blocker, sync
 from loaders import LOADERS, build_loader
+from loaders.options import DECODES
 from model import MODEL_NAMES, create_model
 
 # Defaults that finish in a few minutes on a 2-core CPU; accelerators get the recipe's model and size.
@@ -60,21 +72,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed model steps first (and compilation)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds over all rows; medians are reported")
     p.add_argument("--amp", action="store_true", help="autocast in --amp-dtype")
-    p.add_argument("--amp-dtype", default="bfloat16", choices=["auto", "bfloat16", "float16"],
-                   help="autocast dtype (auto: float16 on accelerators, bfloat16 on the CPU); float16 adds "
-                        "the loss scaler")
+    p.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16"],
+                   help="autocast dtype: auto = the device's fast one (bfloat16 on CUDA from Ampere on, float16 on "
+                        "Volta/Turing and NPUs, bfloat16 on CPUs with AMX, else fp32, saying so); an explicit one is "
+                        "used even where slower than fp32; float16 adds the loss scaler")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format for the model and its input")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model of every row (default mode)")
+    p.add_argument("--compile-modes", type=_modes, default=[],
+                   help=f"comma-separated torch.compile modes, one 'model only, compiled MODE' row each: "
+                        f"{','.join(COMPILE_MODES)}")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="a 'model only, graphed' row: the whole step captured as a CUDA graph (CUDA only)")
+    p.add_argument("--batch-sizes", type=_sizes, default=[],
+                   help="comma-separated batch sizes (e.g. 256,512,1024): each model-only row again at each, to find "
+                        "the best batch; every graph keeps its own memory, so mind the device's")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="the model + augment row (recipe: ImageNet AutoAugment, random erasing 0.2) when "
                         "`import augment` works")
-    p.add_argument("--dali-decode", default="cpu", choices=["cpu", "mixed"],
-                   help="DALI loader: decode on the CPU, or with nvJPEG on a CUDA device (mixed)")
+    p.add_argument("--decode", default="auto", choices=DECODES,
+                   help="every loader's decode option: cpu (host threads), device (where the batch trains), auto "
+                        "(device where the loader can on CUDA)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"], help="where to train")
     p.add_argument("--seed", type=int, default=0, help="weights, synthetic batch and loader seed")
     add_output_flags(p, "train_fps")
     return p
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: choose from {','.join(COMPILE_MODES)}")
+    return modes
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [int(v) for v in text.split(",") if v.strip()]
+    if min(sizes, default=1) < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be >= 1")
+    return sizes
 
 
 class ModelRow(Row):
@@ -134,6 +171,48 @@ class LoaderRow(Row):
             pass
 
 
+def synthetic_batch(args, batch_size: int, num_classes: int, device):
+    """uint8 images and labels made once, kept on the device."""
+    g = torch.Generator().manual_seed(args.seed)
+    images = torch.randint(0, 256, (batch_size, 3, args.image_size, args.image_size), generator=g,
+                           dtype=torch.uint8).contiguous(memory_format=torch.channels_last).to(device)
+    return images, torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+
+
+def build_step(args, device, precision: Precision, num_classes: int, compile_mode: str | None = None,
+               cuda_graphs: bool = False) -> TrainStep:
+    """The trainer's step on a fresh model and the trainer's optimiser; compiled in `compile_mode`
+    (or default mode with --compile), captured with cuda_graphs where it can be (else `note`)."""
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = create_model(args.arch, num_classes=num_classes).to(device, memory_format=memory_format).train()
+    optimizer = build_optimizer(model, OptimizerConfig())  # the trainer's recipe
+    mode = compile_mode or ("default" if args.compile else None)
+    net = torch.compile(model, mode=None if mode == "default" else mode) if mode else model
+    return TrainStep(net, optimizer, precision, device, cuda_graphs=cuda_graphs, compile_mode=mode)
+
+
+def model_rows(args, device, precision: Precision, num_classes: int, steps: int, base: TrainStep, inputs) -> list[Row]:
+    """model only: eager (`base`), each compile mode, graphed; at --batch-size, then at each --batch-sizes."""
+    kinds = [("", {})] + [(f", compiled {m}", {"compile_mode": m}) for m in args.compile_modes]
+    if args.cuda_graphs:
+        why = graph_blocker(base.model, base.optimizer, device)
+        if why:  # the row would repeat the eager one
+            print(f"train_fps: no graphed rows: {why}", file=sys.stderr)
+        else:
+            kinds.append((", graphed", {"cuda_graphs": True}))
+    rows = []
+    for batch_size in [args.batch_size] + [b for b in args.batch_sizes if b != args.batch_size]:
+        images, labels = synthetic_batch(args, batch_size, num_classes, device)
+        for suffix, kind in kinds:
+            step = base if not kind and batch_size == args.batch_size else build_step(args, device, precision,
+                                                                                      num_classes, **kind)
+            # a graphed step runs WARMUP_STEPS eagerly per shape, then captures: all before the timing
+            warmup = args.warmup_steps + (WARMUP_STEPS + 1 if step.graph is not None else 0)
+            name = "model only" + suffix + (f", batch {batch_size}" if batch_size != args.batch_size else "")
+            rows.append(ModelRow(name, step, inputs, images, labels, steps, warmup))
+    return rows
+
+
 def build_rows(args, device) -> tuple[list[Row], dict]:
     names = [s.strip() for s in args.loaders.split(",") if s.strip()]
     unknown = [n for n in names if n not in LOADERS]
@@ -143,26 +222,22 @@ def build_rows(args, device) -> tuple[list[Row], dict]:
     data = ensure_sample(args.data, "train_fps", loaders=names)
     loaders = {n: build_loader(n, split="train", data=data, batch_size=args.batch_size, workers=args.workers,
                                image_size=args.image_size, seed=args.seed, device=device,
-                               options={"decode": args.dali_decode} if n == "dali" else {}) for n in names}
+                               options={"decode": args.decode}) for n in names}
     for loader in loaders.values():
         if len(loader) < 1:
             raise ConfigError(f"--batch-size {args.batch_size} is larger than the {loader.num_samples} training "
                               f"images of {data}: lower it or pass a larger --data")
     num_classes = len(next(iter(loaders.values())).classes) if loaders else 1000
     precision = Precision.resolve(args.amp, args.amp_dtype, device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = create_model(args.arch, num_classes=num_classes).to(device, memory_format=memory_format).train()
-    optimizer = build_optimizer(model, OptimizerConfig())  # the trainer's recipe
-    step = TrainStep(torch.compile(model) if args.compile else model, optimizer, precision, device)
+    if precision.note:
+        print(f"train_fps: {precision.note}", file=sys.stderr)
+    step = build_step(args, device, precision, num_classes)
     inputs = DeviceInput(channels_last=args.channels_last)
 
-    g = torch.Generator().manual_seed(args.seed)
-    images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), generator=g,
-                           dtype=torch.uint8).contiguous(memory_format=torch.channels_last).to(device)
-    labels = torch.randint(0, num_classes, (args.batch_size,), generator=g).to(device)
+    images, labels = synthetic_batch(args, args.batch_size, num_classes, device)
     epochs = {n: math.ceil(args.steps / len(loader)) for n, loader in loaders.items()}
     model_steps = max([epochs[n] * len(loaders[n]) for n in names] or [args.steps])
-    rows = [ModelRow("model only", step, inputs, images, labels, model_steps, args.warmup_steps)]
+    rows = model_rows(args, device, precision, num_classes, model_steps, step, inputs)
     if args.augment:
         try:
             from augment import DeviceAugment
@@ -171,13 +246,20 @@ def build_rows(args, device) -> tuple[list[Row], dict]:
                                  images, labels, model_steps, args.warmup_steps))
         except ImportError as e:
             print(f"train_fps: no augment row: {e}", file=sys.stderr)
-    rows += [LoaderRow(f"e2e {n}", step, inputs, loaders[n], epochs[n], device) for n in names]
+    # With --cuda-graphs the loaders feed the graphed step, as train.py --cuda-graphs does, and
+    # their stall is against the graphed model-only row.
+    graphed = next((r for r in rows if r.name == "model only, graphed"), None)
+    for n in names:
+        rows.append(LoaderRow(f"e2e {n}", graphed.step if graphed else step, inputs, loaders[n], epochs[n], device))
+        rows[-1].reference = graphed.name if graphed else "model only"
     settings = {"data": str(data), "arch": args.arch, "image_size_px": args.image_size,
-                "batch_size": args.batch_size, "precision": precision.name, "channels_last": args.channels_last,
-                "compile": args.compile, "workers": args.workers, "dali_decode": args.dali_decode,
-                "device": str(device), "rounds": args.rounds, "model_steps_per_round": model_steps,
-                "epochs_per_round": epochs, "steps_per_epoch": {n: len(l) for n, l in loaders.items()},
-                "torch_threads": torch.get_num_threads()}
+                "batch_size": args.batch_size, "batch_sizes": args.batch_sizes, "precision": precision.name,
+                "channels_last": args.channels_last, "compile": args.compile, "compile_modes": args.compile_modes,
+                "cuda_graphs": any(", graphed" in r.name for r in rows), "e2e_step": "graphed" if graphed else "eager",
+                "workers": args.workers,
+                "decode": args.decode, "device": str(device), "rounds": args.rounds,
+                "model_steps_per_round": model_steps, "epochs_per_round": epochs,
+                "steps_per_epoch": {n: len(l) for n, l in loaders.items()}, "torch_threads": torch.get_num_threads()}
     return rows, settings
 
 
@@ -192,7 +274,7 @@ def summarize(rows: list[Row], results: dict) -> list[dict]:
     out = []
     for row in rows:
         result = results[row.name]
-        ratio = paired(result, results["model only"])
+        ratio = paired(result, results[getattr(row, "reference", "model only")])
         e2e = isinstance(row, LoaderRow)
         wall_s = sum(r["wall_s"] for r in result["runs"])
         out.append({"name": row.name, **stats(result), "of_model_only": ratio["median"],
@@ -227,13 +309,18 @@ def main(argv=None):
     rows, settings = build_rows(args, device)
     report = Report("train_fps", argv)
     out = summarize(rows, measure(rows, rounds=args.rounds, who="train_fps"))
+    best = max((r for r in out if r["name"].startswith("model only")), key=lambda r: r["imgs_per_s"])
     setting = (f"{args.arch}, {args.image_size} px, batch {args.batch_size}, {settings['precision']}, "
                f"{'channels_last' if args.channels_last else 'contiguous'}{', compiled' if args.compile else ''}, "
                f"{args.workers} workers, {torch.get_num_threads()} torch threads, on {device}; {args.rounds} rounds of "
                f"{settings['model_steps_per_round']} model steps")
-    return report.write(args, setting, settings, out, COLUMNS, [bar(r) for r in out],
-                        "training images/s (median over rounds, min-max whiskers)",
-                        reference=(out[0]["imgs_per_s"], "model only"), modules=("torchvision", "ffcv", "nvidia.dali"))
+    result = report.write(args, setting, settings, out, COLUMNS, [bar(r) for r in out],
+                          "training images/s (median over rounds, min-max whiskers)",
+                          reference=(out[0]["imgs_per_s"], "model only"),
+                          modules=("torchvision", "ffcv", "nvidia.dali"),
+                          best_model_only={"row": best["name"], "imgs_per_s": best["imgs_per_s"]})
+    print(f"fastest model-only row: {best['name']}, {best['imgs_per_s']:.1f} img/s")
+    return result
 
 
 if __name__ == "__main__":

@@ -139,16 +139,32 @@ def git_status() -> str:
                           check=True).stdout
 
 
+def test_step_agreement_compares_two_identical_runs_and_says_when_it_cannot_capture(tmp_path):
+    out = tmp_path / "agreement.json"
+    proc = run("step_agreement.py", "--device", "cpu", "--arch", "mobilenetv3_small_100", "--image-size", 32,
+               "--batch-size", 4, "--steps", 4, "--classes", 3, "--json", out)
+    result = json.loads(out.read_text())
+    assert "--cuda-graphs: capture needs a CUDA device" in proc.stderr and not result["captured"]
+    # the CPU runs both eagerly: the same seed, batches and LRs give the same losses, bit for bit
+    assert len(result["loss"]["eager"]) == 4 and result["loss"]["eager"] == result["loss"]["graphed"]
+    assert result["max_rel_diff"] == 0.0 and out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
 def test_a_run_without_json_writes_to_the_untracked_out_folder(data):
     default = REPO / "out" / "bench" / "loader_fps.json"
     before, start = git_status(), time.time()
     run("loader_fps.py", "--data", data, "--loaders", "torchvision", "--batch-size", BATCH, "--image-size", 32,
-        "--epochs", 1, "--lead-in", 0)
+        "--epochs", 1, "--lead-in", 0, "--device-decode")
     assert git_status() == before
     assert default.stat().st_mtime >= start and default.with_suffix(".png").stat().st_mtime >= start
     result = json.loads(default.read_text())
     assert [r["name"] for r in result["rows"]] == ["stock", "torchvision", "torchvision bare",
+                                                   "torchvision device-decode", "device-decode host part",
                                                    "decode limit: original files"]
+    # the device-decode row (here the CPU is the device) reads the same epoch with its own few workers
+    for device_row in result["rows"][3:5]:
+        assert device_row["images_per_epoch"] == TRAIN_IMAGES and device_row["cores_used"] > 0
+    assert result["settings"]["device_decode_workers"] == 3
     assert [t["target"] for t in result["targets"]] == [
         "torchvision >= 1.3x stock", "torchvision within 5% of torchvision bare"]
 
