@@ -5,14 +5,13 @@ grayscale and CMYK come out RGB), the resize and center crop are its val transfo
 `transforms_for`), and normalisation is `loaders.normalize`: a prediction sees the pixels that
 evaluation saw. A file that does not decode is reported with its reason; the others go on.
 """
-import re
 from pathlib import Path
 
 import torch
 
 from core.dataset import IMAGE_EXTENSIONS
 from loaders.common import VAL_CROP_RATIO, LoaderSpec
-from loaders.device_decode import decode_image
+from loaders.device_decode import decode_error, decode_image
 from loaders.torchvision_loader import transforms_for
 
 
@@ -41,14 +40,8 @@ def read_images(files, image_size: int, crop_ratio: float = VAL_CROP_RATIO
         try:
             image = decode_image(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8))
         except Exception as e:  # every way a file can fail to decode: reported, and the rest answered
-            bad.append((path, _reason(e)))
+            bad.append((path, decode_error(e)))
             continue
         crops.append(transform(image))
         good.append(Path(path))
     return (torch.stack(crops) if crops else None), good, bad
-
-
-def _reason(e: Exception) -> str:
-    """torchvision's message without its C++ source location ('decode_jpeg, /.../x.cpp:171, ...')."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return re.sub(r"^\w+, \S+:\d+, ", "", first)

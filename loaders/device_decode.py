@@ -20,6 +20,7 @@ libjpeg-turbo when the CPU is the device) and crops, resizes and flips it there 
   reversed.
 """
 import queue
+import re
 import threading
 import warnings
 
@@ -69,6 +70,13 @@ def jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
 def decode_image(data: torch.Tensor) -> torch.Tensor:
     """Encoded bytes (JPEG, PNG, ...; a 1-D uint8 tensor) -> uint8 3 x H x W RGB on the host."""
     return _decode_image(data, mode=RGB)
+
+
+def decode_error(e: Exception) -> str:
+    """A decoder's message, one line, without the C++ location that torchvision and TorchCodec put
+    first ('read_header_and_start, /.../DecodeJpeg.cpp:208, Invalid JPEG file structure: ...')."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\w+, \S+:\d+, ", "", first)
 
 
 def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -166,7 +174,7 @@ class DeviceStage:
                 except RuntimeError as e:
                     from core.errors import LoaderError
                     raise LoaderError(f"{self.name(index)}: cannot decode it on {self.device} "
-                                      f"({str(e).strip().splitlines()[0]})") from None
+                                      f"({decode_error(e)})") from None
             return out
 
 

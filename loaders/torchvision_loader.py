@@ -25,7 +25,7 @@ from core.errors import LoaderError
 from core.manifest import crc32c
 from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, epoch_indices, num_batches,
                             pin_if_useful, timed_epoch, to_device, use_shards, val_resize_px)
-from loaders.device_decode import DECODER, DeviceStage, decode_image, jpeg_header, prefetch
+from loaders.device_decode import DECODER, DeviceStage, decode_error, decode_image, jpeg_header, prefetch
 
 
 class _RandomResizedCropFlip:
@@ -117,7 +117,7 @@ class _Images(Dataset):
         try:
             return decode_image(data)
         except RuntimeError as e:  # name the sample: the trainer's message carries this line
-            raise LoaderError(f"{self.name(index)}: cannot decode it ({str(e).strip()})") from None
+            raise LoaderError(f"{self.name(index)}: cannot decode it ({decode_error(e)})") from None
 
 
 class _FolderImages(_Images):

@@ -143,6 +143,23 @@ def test_images_nvjpeg_does_not_take_are_decoded_by_the_workers_and_counted(odd_
         assert loader.host_decoded == host_decoded, source
 
 
+def test_a_jpeg_the_device_decoder_refuses_is_named_after_the_batch_is_retried(tmp_path):
+    """A header that looks baseline over a broken body: the batched call fails as a whole, each
+    image is tried alone, and the one that fails is named, as the host path names it."""
+    root = make_sample(tmp_path / "broken", num_classes=2, train_per_class=4, val_per_class=1, quiet=True)
+    victim = sorted((root / "train").rglob("*.JPEG"))[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:data.index(b"\xff\xda")] + b"\xff\xd9")  # no scan: no image in it
+    assert jpeg_header(victim.read_bytes())[2]  # the workers send it to the device decoder
+    loader = build_loader("torchvision", split="train", data=root, batch_size=8, workers=1,
+                          options={"source": "folder", "decode": "device"})
+    loader.set_epoch(0)
+    with pytest.raises(LoaderError, match=rf"{victim}: cannot decode it on cpu \(Invalid JPEG file structure: "
+                                          rf"missing SOS marker\)$"):
+        list(loader)
+    assert loader.stage.retried == 1
+
+
 def test_auto_decodes_on_the_device_only_on_cuda(odd_dataset):
     loader = build_loader("torchvision", split="val", data=odd_dataset, batch_size=4, options={"decode": "auto"})
     assert loader.decode == "cpu" and loader.stage is None
