@@ -110,9 +110,12 @@ def test_resuming_another_network_names_what_differs(tiny_sample, tmp_path):
 
 
 # -- a failing loader ---------------------------------------------------------------------------
-def test_a_loader_worker_killed_mid_epoch_costs_at_most_one_step(tiny_sample, tmp_path):
+# device: the DataLoader runs in the device-decode thread, where PyTorch installs no SIGCHLD
+# handler; the dead worker must still surface at a step boundary
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_a_loader_worker_killed_mid_epoch_costs_at_most_one_step(tiny_sample, tmp_path, decode):
     args = ["--data", str(tiny_sample), "--loader", "torchvision", "--deterministic", "--workers", "2",
-            "--batch_size", "2", "--epochs", "2", "--checkpoint-every", "0"]
+            "--batch_size", "2", "--epochs", "2", "--checkpoint-every", "0", "--decode", decode]
     ok(run_train(args, tmp_path / "whole"))
     out = tmp_path / "killed"
     proc = launch(args, out)
@@ -176,15 +179,16 @@ def test_verify_names_every_damaged_sample_and_byte_range(damaged, tiny_converte
     assert clean.returncode == 0 and "match their checksums" in clean.stdout
 
 
-def test_the_shard_loader_skips_damaged_samples_when_allowed_and_stops_at_one_otherwise(damaged):
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_the_shard_loader_skips_damaged_samples_when_allowed_and_stops_at_one_otherwise(damaged, decode):
     root, changed = damaged
     common = dict(split="train", data=root, batch_size=4, workers=0, image_size=32)
-    lenient = build_loader("torchvision", options={"max_bad_samples": 100}, **common)
+    lenient = build_loader("torchvision", options={"max_bad_samples": 100, "decode": decode}, **common)
     for epoch in range(2):  # the second epoch meets the same damaged samples: each counts once
         lenient.set_epoch(epoch)
         images = sum(len(labels) for _, labels in lenient)
         assert sorted(lenient.bad_samples) == sorted(changed) and images == 24 - len(changed)
-    strict = build_loader("torchvision", **common)
+    strict = build_loader("torchvision", options={"decode": decode}, **common)
     strict.set_epoch(0)
     with pytest.raises(LoaderError, match="differ from the converter's checksum") as e:
         list(strict)
