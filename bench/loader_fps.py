@@ -169,18 +169,24 @@ def _consume(batches, device):
     return n, first_s
 
 
-def build_ours(args, library: str, decode: str = "cpu"):
-    """Our loader; decode "device": the torchvision loader decoding on --device with fewer workers."""
+def our_loader(args, library: str, decode: str = "cpu"):
+    """Our loader on what the row reads; decode "device": the torchvision loader decoding on
+    --device, read by --device-decode-workers."""
     import torch
     from loaders import build_loader
-    device = torch.device(args.device)
     options = {"ffcv": {"beton_dir": str(args.beton_dir)},
                "dali": {"shards_dir": str(args.shards_dir), "source": args.dali_source},
                "torchvision": {"shards_dir": str(args.shards_dir), "source": args.torchvision_source}}
     workers = args.device_decode_workers if decode == "device" else args.workers
-    loader = build_loader(library, split=args.split, data=args.data, batch_size=args.batch_size,
-                          workers=workers, image_size=args.image_size, seed=args.seed, device=device,
-                          options={**options[library], "decode": decode})
+    return build_loader(library, split=args.split, data=args.data, batch_size=args.batch_size,
+                        workers=workers, image_size=args.image_size, seed=args.seed,
+                        device=torch.device(args.device), options={**options[library], "decode": decode})
+
+
+def build_ours(args, library: str, decode: str = "cpu"):
+    import torch
+    device = torch.device(args.device)
+    loader = our_loader(args, library, decode)
 
     def run_epoch(epoch):
         loader.set_epoch(epoch)
@@ -192,13 +198,7 @@ def build_host_part(args):
     """What the device-decode row's host does alone: its workers read each JPEG's bytes, parse its
     header and draw its crop, and the batches of bytes reach the main process; nothing is decoded.
     Its img/s per core is the host's share of decoding on the device."""
-    import torch
-    from loaders import build_loader
-    loader = build_loader("torchvision", split=args.split, data=args.data, batch_size=args.batch_size,
-                          workers=args.device_decode_workers, image_size=args.image_size, seed=args.seed,
-                          device=torch.device(args.device), options={"shards_dir": str(args.shards_dir),
-                                                                     "source": args.torchvision_source,
-                                                                     "decode": "device"})
+    loader = our_loader(args, "torchvision", decode="device")
 
     def run_epoch(epoch):
         loader.set_epoch(epoch)

@@ -136,8 +136,9 @@ class ModelRow(Row):
 class LoaderRow(Row):
     """Whole epochs of a loader, each batch through the step; time blocked in next() is wait_s."""
 
-    def __init__(self, name, step, inputs, loader, epochs: int, device):
+    def __init__(self, name, step, inputs, loader, epochs: int, device, reference: str = "model only"):
         self.name, self.step, self.inputs, self.loader, self.epochs = name, step, inputs, loader, epochs
+        self.reference = reference  # the model-only row its stall is measured against
         self.epoch = self.counter = 0
         self.sync = lambda: sync(device)
 
@@ -249,9 +250,8 @@ def build_rows(args, device) -> tuple[list[Row], dict]:
     # With --cuda-graphs the loaders feed the graphed step, as train.py --cuda-graphs does, and
     # their stall is against the graphed model-only row.
     graphed = next((r for r in rows if r.name == "model only, graphed"), None)
-    for n in names:
-        rows.append(LoaderRow(f"e2e {n}", graphed.step if graphed else step, inputs, loaders[n], epochs[n], device))
-        rows[-1].reference = graphed.name if graphed else "model only"
+    rows += [LoaderRow(f"e2e {n}", graphed.step, inputs, loaders[n], epochs[n], device, reference=graphed.name)
+             if graphed else LoaderRow(f"e2e {n}", step, inputs, loaders[n], epochs[n], device) for n in names]
     settings = {"data": str(data), "arch": args.arch, "image_size_px": args.image_size,
                 "batch_size": args.batch_size, "batch_sizes": args.batch_sizes, "precision": precision.name,
                 "channels_last": args.channels_last, "compile": args.compile, "compile_modes": args.compile_modes,

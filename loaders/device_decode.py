@@ -26,6 +26,9 @@ import warnings
 
 import torch
 
+from core.errors import LoaderError
+from loaders.common import val_resize_px
+
 try:  # the successor of torchvision.io's decoders; torchvision's are the fallback
     from torchcodec.decoders import decode_image as _decode_image
     from torchcodec.decoders import decode_jpeg as _decode_jpeg
@@ -116,7 +119,7 @@ def crop_boxes(params: torch.Tensor, size_px: int, train: bool, crop_ratio: floa
         zero = torch.zeros_like(h)
         return (top, h, size, zero), (left, w, size, zero)
     h, w = p.unbind(1)
-    short_px = int(size_px / crop_ratio)  # loaders.common.val_resize_px
+    short_px = val_resize_px(size_px, crop_ratio)
     tall = h >= w
     # torchvision: the shorter side to short_px, the longer to int(short_px * long / short)
     out_h = torch.where(tall, (short_px * h / w).floor(), torch.full_like(h, short_px))
@@ -172,7 +175,6 @@ class DeviceStage:
                 try:
                     out += decode_jpegs([chunk], self.device)
                 except RuntimeError as e:
-                    from core.errors import LoaderError
                     raise LoaderError(f"{self.name(index)}: cannot decode it on {self.device} "
                                       f"({decode_error(e)})") from None
             return out

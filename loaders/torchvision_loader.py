@@ -2,9 +2,8 @@
 shards when present: option source "auto" | "shards" | "folder", shards_dir).
 
 Decodes with libjpeg-turbo through TorchCodec (loaders/device_decode.py; PNG, CMYK and grayscale
-come out RGB), crops
-with transforms v2 on uint8 tensors (no PIL round trip), and batches in DataLoader workers that
-persist across epochs. Augmentation is seeded per sample from (seed, epoch, index), so it does not
+come out RGB), crops with transforms v2 on uint8 tensors (no PIL round trip), and batches in
+DataLoader workers that persist across epochs. Augmentation is seeded per sample from (seed, epoch, index), so it does not
 depend on which worker drew the sample: a resumed run sees the same crops as an unbroken one.
 The output size travels with each sample's key from the sampler, because the persistent workers
 hold their own copies of the dataset: set_resolution changes what the next epoch's keys carry.
@@ -98,7 +97,7 @@ class _Images(Dataset):
     def _bytes_item(self, data, label, index: int, epoch: int, size: int):
         if data is None:
             return None, None, None, index, size
-        header = jpeg_header(data.numpy().tobytes())
+        header = jpeg_header(memoryview(data.numpy()))  # read in place: no copy of the bytes
         if header is not None and header[2]:
             height, width = header[:2]
         else:  # decoded here; the batch carries the pixels
