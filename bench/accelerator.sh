@@ -1,155 +1,162 @@
 #!/usr/bin/env bash
-# The GPU measurements in one call, for a session lent an accelerator:
+# The GPU measurements in one call of about 330 s, and its rehearsal on this machine's CPU:
 #
-#     bash bench/carry_ffcv.sh             # here, once: FFCV (and TorchCodec) into .h200/ (ignored)
-#     bash bench/accelerator.sh            # there (device tool, carry [".h200"], timeout_s=560,
-#                                          #   PYTHONUNBUFFERED=1); results in $OUT
+#     bash bench/carry_ffcv.sh               # here, once: what the H200 lacks into .h200/ (ignored)
+#     bash bench/accelerator.sh              # there: device run, carry [".h200"], timeout_s 420,
+#                                            #   PYTHONUNBUFFERED=1; what comes back is in $OUT
+#     bash bench/accelerator.sh --rehearse   # here: the whole call on the CPU in the H200's software
 #
-# Stages in order of what matters most, each under its own time limit, and skipped (saying so)
-# when less than its limit is left of BUDGET_S, so the call ends inside the device tool's limit:
-#   1. a synthetic ImageNet-layout dataset (convert/make_sample.py, CLASSES x PER_CLASS train
-#      images at 512 px, all cores), its shards (and its .beton when LOADERS has ffcv)
-#   2. pytest of the CUDA-only tests (graph capture, fp16 scaler under graphs, train.py under
-#      torchrun with --cuda-graphs, nvJPEG batches against the CPU's)
-#   3. train_fps --decode device --cuda-graphs: model only (eager, graphed) and end to end with
-#      the torchvision loader decoding on the GPU (its stall against the graphed step)
-#   4. train_fps --cuda-graphs --batch-sizes: eager and graphed model only at 256, 512, 1024
-#   5. decode_agreement: device-decoded batches against the CPU-decoded ones (pixels, labels)
-#   6. step_agreement: 200 steps graphed against eager from the same seed (loss curves)
-#   7. train.py itself under torchrun (nccl, 1 process): bf16 with and without --cuda-graphs,
-#      fp16 (loss scaler) with them, --decode device, --max_steps
-#   8. loader_fps --device cuda --device-decode: the device-decode loader alone, its host cores
-#   9. train_fps --compile-modes (COMPILE=1): torch.compile's modes against eager
-#  10. bench/accelerator_checks.py: the issues' "done when" checks from those JSONs (checks.json)
-# What comes back (the device tool returns at most 8 files): accelerator.log, checks.json and
-# results.tar.gz (every JSON, PNG and train.py summary, under OUT's names).
+# Stages, in order of value; each runs under its limit (cut to what is left of BUDGET_S) and is
+# skipped, saying so, when less than MIN_S is left. A fatal preflight comes first: every module the
+# call imports (the carried ones too), a batched decode on the device, a tiny capture with fused
+# SGD and one with capturable RMSprop while the loader's decode thread works. The dataset is made
+# in the background meanwhile. Then: the CUDA tests (pytest -m cuda, nvJPEG first, each with a
+# timeout); train.py under torchrun, bf16 --cuda-graphs --decode device; graphed against eager loss
+# curves; train_fps model-only and end to end with --decode device; decode agreement; the graphs
+# sweep over batch sizes; FFCV at --preset fast end to end; train.py fp16; torch.compile (COMPILE=1).
+# After every stage what has been measured is packed into the three files that come back:
+# accelerator.log, checks.json (bench/accelerator_checks.py) and results.tar.gz; a script cut off
+# by its limit (SIGINT) writes what it measured, marked partial.
 #
-# The lent machine has torch, torchvision, numba, cv2 and pytest but no package index, and the
-# project is not installed there: PYTHONPATH gets the checkout. DALI's wheel is too large to carry;
-# FFCV comes from bench/carry_ffcv.sh (package, pure-Python needs, the Debian libraries it links)
-# on PYTHONPATH and LD_LIBRARY_PATH, TorchCodec too where it imports with that machine's torch.
-# Knobs (environment): OUT (default out/bench/accelerator, not tracked), DATA, CLASSES, PER_CLASS,
-# STEPS, ROUNDS, BUDGET_S, COMPILE, COMPILE_MODES, LOADERS, CARRY, WORKERS, DECODE_WORKERS, PYTHON,
-# DEVICE (cuda; cpu runs the same plumbing small, as a check on a machine without one:
-# DEVICE=cpu CLASSES=2 PER_CLASS=16 STEPS=2 ROUNDS=1 COMPILE=0 bash bench/accelerator.sh).
+# The lent machine has torch 2.11, torchvision 0.26, numba, cv2 and pytest but no package index,
+# and the project is not installed there: PYTHONPATH gets the checkout and CARRY/site (FFCV, the
+# crc32c wheel: bench/carry_ffcv.sh), LD_LIBRARY_PATH the carried libraries it lacks.
+# --rehearse builds (once, under out/) a virtualenv holding only the machine's torch, torchvision
+# and the listed packages the call uses, carries for its Python, then runs the call with the CPU as
+# the device (tiny sizes; CUDA-only rows and tests come back skipped) and checks what would come
+# back: fewer than 9 files of at most 16 MiB, every stage's JSON, every check, no stage over its
+# limit, no import error. WITHOUT=google_crc32c drops a carried package: it must fail at preflight.
+# Knobs (environment): OUT, DATA, CLASSES, PER_CLASS, STEPS, ROUNDS, BUDGET_S, MIN_S, STAGES (a
+# comma-separated subset, for a second, targeted call), COMPILE, WORKERS, DECODE_WORKERS, DEVICE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
-DEVICE=${DEVICE:-cuda}
-OUT=${OUT:-out/bench/accelerator}
-DATA=${DATA:-/tmp/mnv3_accelerator_data}
-CLASSES=${CLASSES:-20}
-PER_CLASS=${PER_CLASS:-640}  # 12,800 train images: 50 steps of 256 per epoch
-STEPS=${STEPS:-100}
-ROUNDS=${ROUNDS:-3}
-BUDGET_S=${BUDGET_S:-530}  # the device tool's timeout_s (560) less the packing at the end
-COMPILE=${COMPILE:-1}  # 0 skips stage 9
-COMPILE_MODES=${COMPILE_MODES:-default,reduce-overhead}  # max-autotune-no-cudagraphs autotunes for minutes
-LOADERS=${LOADERS:-torchvision}  # the CPU-decode loaders' baseline is in bench/results/h200_train_fps.json
-WORKERS=${WORKERS:-$(nproc)}
-DECODE_WORKERS=${DECODE_WORKERS:-3}  # host workers that read bytes when the GPU decodes (<= 4 cores in all)
-CARRY=${CARRY:-.h200}
+if [ "${1:-}" = --rehearse ]; then
+  venv=${REHEARSE_VENV:-out/accelerator-venv} carry=out/accelerator-carry
+  OUT=${OUT:-out/accelerator-rehearsal}
+  if [ ! -e "$venv/.complete" ]; then  # the H200's versions; what it holds beyond them is not needed
+    python3 -m venv --clear "$venv" && "$venv/bin/pip" install -q torch==2.11.0 torchvision==0.26.0 \
+      numpy pyyaml tqdm matplotlib psutil pytest pytest-timeout numba opencv-python-headless && touch "$venv/.complete" \
+      || { echo "rehearse: could not build $venv"; exit 1; }
+  fi
+  CARRY_PYTHON=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+    bash bench/carry_ffcv.sh "$carry" || exit 1
+  [ -n "${WITHOUT:-}" ] && rm -rf "$carry/site/$WITHOUT" "$carry/site/$WITHOUT"-*
+  rm -rf "$OUT" && mkdir -p "$OUT"
+  env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$HOME" PYTHONUNBUFFERED=1 PYTHON="$venv/bin/python" \
+    CARRY="$carry" OUT="$OUT" DEVICE=cpu DATA="${DATA:-/tmp/mnv3_rehearsal_data}" STAGES="${STAGES:-}" \
+    bash bench/accelerator.sh
+  rc=$?
+  PYTHONPATH=$PWD "$venv/bin/python" bench/accelerator_checks.py --returned "$OUT" --call-rc "$rc" || exit 1
+  exit 0
+fi
+
+PYTHON=${PYTHON:-python3} DEVICE=${DEVICE:-cuda} CARRY=${CARRY:-.h200}
+OUT=${OUT:-out/bench/accelerator} WORK=${WORK:-/tmp/mnv3_accelerator_work}  # WORK: never comes back as it is
+DATA=${DATA:-/tmp/mnv3_accelerator_data} CLASSES=${CLASSES:-20} PER_CLASS=${PER_CLASS:-320}  # 25 steps of 256
+STEPS=${STEPS:-50} ROUNDS=${ROUNDS:-2} BUDGET_S=${BUDGET_S:-330} MIN_S=${MIN_S:-15} COMPILE=${COMPILE:-0} SCALE=1
+WORKERS=${WORKERS:-$(nproc)} DECODE_WORKERS=${DECODE_WORKERS:-3}  # <= 4 host cores when the GPU decodes
+if [ "$DEVICE" = cpu ]; then  # the stand-in: the same plumbing, tiny, fp32 (autocast is slow here), 3x the time
+  CLASSES=2 PER_CLASS=16 STEPS=2 ROUNDS=1 WORKERS=2 DECODE_WORKERS=1 SCALE=3 bf16=auto fp16=auto
+  arch=mobilenetv3_small_100 px=32 batch=8 sizes=16 agree=(--arch mobilenetv3_small_100 --image-size 32
+    --batch-size 4 --steps 4 --classes 10)
+else
+  arch=mobilenetv3_large_100 px=224 batch=256 sizes=512,1024 agree=(--steps 200) bf16=bfloat16 fp16=float16
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # import core, loaders, engine, ... without an install
 if [ -d "$CARRY/site" ]; then
-  export PYTHONPATH="$PWD/$CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
-  # Only the carried libraries this machine lacks: a carried libz or libX11 must not shadow newer
-  # system ones that other libraries (torch's, the driver's) were built against.
-  libs=$(mktemp -d)
+  export PYTHONPATH="$PWD/$CARRY/site:$PYTHONPATH"
+  libs=$(mktemp -d)  # only the carried libraries this machine lacks: they must not shadow newer ones
   for lib in "$CARRY"/lib/*; do
     ldconfig -p 2>/dev/null | grep -q "^[[:space:]]*$(basename "$lib") " || ln -s "$PWD/$lib" "$libs/"
   done
   export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-mkdir -p "$OUT"
-WORK=$OUT/work  # everything measured; packed into results.tar.gz at the end
-mkdir -p "$WORK"
+if [ -d "$CARRY/torchcodec" ] && PYTHONPATH="$PWD/$CARRY/torchcodec:$PYTHONPATH" $PYTHON -c \
+     "from torchcodec.decoders import decode_jpeg" 2>/dev/null; then
+  export PYTHONPATH="$PWD/$CARRY/torchcodec:$PYTHONPATH"
+fi
+rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
 LOG=$OUT/accelerator.log
 : >"$LOG"
-status=0
-start_s=$SECONDS
+status=0 start_s=$SECONDS
 
-stage() {  # stage NAME SECONDS COMMAND...: run under a time limit if the budget allows, log it
-  local name=$1 limit=$2
-  shift 2
-  if [ $((BUDGET_S - (SECONDS - start_s))) -lt "$limit" ]; then
-    echo "== $name: skipped, $((BUDGET_S - (SECONDS - start_s))) s of the budget left, it may take ${limit}s" | tee -a "$LOG"
-    return 1
-  fi
-  echo "== $name (limit ${limit}s, at $((SECONDS - start_s)) s): $*" | tee -a "$LOG"
-  local t=$SECONDS
-  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  echo "== $name: rc $rc after $((SECONDS - t)) s" | tee -a "$LOG"
-  [ "$rc" -eq 0 ]
+pack() {  # what has been measured so far into OUT's three files, each replaced whole
+  $PYTHON bench/accelerator_checks.py "$WORK" >"$WORK/checks.txt" 2>&1
+  cp "$WORK/checks.json" "$OUT/.checks.json" 2>/dev/null && mv "$OUT/.checks.json" "$OUT/checks.json"
+  tar -czf "$OUT/.results.tar.gz" -C "$WORK" --exclude='*.pth' --exclude=tensorboard . \
+    && mv "$OUT/.results.tar.gz" "$OUT/results.tar.gz"
 }
 
-if [ -d "$CARRY/torchcodec" ]; then
-  if PYTHONPATH="$PWD/$CARRY/torchcodec:$PYTHONPATH" $PYTHON -c "from torchcodec.decoders import decode_jpeg" 2>>"$LOG"; then
-    export PYTHONPATH="$PWD/$CARRY/torchcodec:$PYTHONPATH"
-  else
-    echo "the carried torchcodec does not import with this torch: decoding with torchvision.io" | tee -a "$LOG"
+stage() {  # stage NAME LIMIT_S COMMAND...: under min(LIMIT_S, what is left), logged, recorded, packed
+  local name=$1 limit=$(($2 * SCALE)) left=$((BUDGET_S * SCALE - (SECONDS - start_s))) t=$SECONDS rc
+  shift 2
+  if [ -n "${STAGES:-}" ] && [[ ",$STAGES," != *",$name,"* ]]; then return 0; fi
+  if [ "$left" -lt "$MIN_S" ]; then
+    echo "== $name: skipped, ${left} s of the budget left" | tee -a "$LOG"
+    echo "{\"stage\": \"$name\", \"skipped\": true, \"limit_s\": $limit}" >>"$WORK/stages.jsonl"
+    return 1
   fi
-fi
-$PYTHON - <<'EOF' 2>&1 | tee -a "$LOG"
-import os, platform, torch, torchvision
-from loaders.device_decode import DECODER
-print("python", platform.python_version(), "torch", torch.__version__, "torchvision", torchvision.__version__,
-      "cores", len(os.sched_getaffinity(0)), "decoder", DECODER)
-print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
-      "nccl", torch.cuda.nccl.version() if torch.cuda.is_available() else "")
-EOF
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "== $name (limit ${limit}s, at $((SECONDS - start_s)) s): $*" | tee -a "$LOG"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  echo "== $name: rc $rc after $((SECONDS - t)) s" | tee -a "$LOG"
+  echo "{\"stage\": \"$name\", \"rc\": $rc, \"wall_s\": $((SECONDS - t)), \"limit_s\": $limit}" >>"$WORK/stages.jsonl"
+  pack
+  [ "$rc" -eq 0 ] || status=1
+  return "$rc"
+}
 
-if [ ! -d "$DATA/train" ]; then
-  stage make_sample 150 $PYTHON convert/make_sample.py "$DATA" --classes "$CLASSES" \
-    --train-per-class "$PER_CLASS" --val-per-class 2 --workers "$WORKERS" || status=1
-fi
-stage to_shards 120 $PYTHON convert/to_shards.py "$DATA" --workers "$WORKERS" || status=1
-case $LOADERS in *ffcv*)
-  stage to_ffcv 120 $PYTHON convert/to_ffcv.py "$DATA" --workers "$WORKERS" || status=1 ;;
-esac
+make_data() {  # the dataset (train images at 512 px and their shards), and the .beton at --preset fast
+  [ -d "$DATA/train" ] || $PYTHON convert/make_sample.py "$DATA" --classes "$CLASSES" \
+    --train-per-class "$PER_CLASS" --val-per-class 2 --workers "$WORKERS" || return 1
+  $PYTHON convert/to_shards.py "$DATA" --workers "$WORKERS" \
+    && $PYTHON convert/to_ffcv.py "$DATA" --preset fast --workers "$WORKERS"
+}
 
-if [ "$DEVICE" = cpu ]; then
-  arch=mobilenetv3_small_100 px=64 batch=16 sizes=32
-  agree=(--arch mobilenetv3_small_100 --image-size 32 --batch-size 4 --steps 4 --classes 10)
-else
-  arch=mobilenetv3_large_100 px=224 batch=256 sizes=512,1024
-  agree=(--steps 200)
+if ! stage preflight 45 $PYTHON bench/accelerator_checks.py --preflight --device "$DEVICE"; then
+  echo "== preflight failed: nothing else runs (see above); status 1" | tee -a "$LOG"
+  exit 1
 fi
-common=(--device "$DEVICE" --data "$DATA" --arch $arch --image-size $px --batch-size $batch --amp --amp-dtype bfloat16
-        --steps "$STEPS" --rounds "$ROUNDS" --no-augment)
+make_data >"$WORK/data.log" 2>&1 &
+data_pid=$!
+stage pytest_cuda 90 $PYTHON -m pytest -q -rs -m cuda -p no:cacheprovider --timeout 60 \
+  tests/test_device_decode.py tests/test_step.py
+data_s=$SECONDS
+wait "$data_pid"
+data_rc=$?
+echo "== data: rc $data_rc, waited $((SECONDS - data_s)) s more for it; $(tr '\r' '\n' <"$WORK/data.log" | tail -n 1)" \
+  | tee -a "$LOG"
+[ "$data_rc" -eq 0 ] || { cat "$WORK/data.log" >>"$LOG"; status=1; }
 
-if [ "$DEVICE" != cpu ]; then
-  stage pytest_cuda 150 $PYTHON -m pytest -q -rs -p no:cacheprovider tests/test_step.py tests/test_device_decode.py \
-    -k "cuda or graphed or nvjpeg" || status=1
-fi
-stage train_fps_device 150 $PYTHON bench/train_fps.py "${common[@]}" --loaders torchvision --decode device \
-  --workers "$DECODE_WORKERS" --cuda-graphs --json "$WORK/train_fps_device.json" || status=1
-stage train_fps_graphs 150 $PYTHON bench/train_fps.py "${common[@]}" --loaders "" --cuda-graphs \
-  --batch-sizes "$sizes" --json "$WORK/train_fps_graphs.json" || status=1
-stage decode_agreement 60 $PYTHON bench/decode_agreement.py --device "$DEVICE" --data "$DATA" --epochs 2 \
-  --image-size $px --batch-size $batch --workers "$WORKERS" --json "$WORK/decode_agreement.json" || status=1
-stage step_agreement 90 $PYTHON bench/step_agreement.py --device "$DEVICE" --amp-dtype bfloat16 "${agree[@]}" \
-  --json "$WORK/step_agreement.json" || status=1
-for run in bf16_graphs:bfloat16:--cuda-graphs bf16_eager:bfloat16: fp16_graphs:float16:--cuda-graphs; do
-  IFS=: read -r name dtype graphs <<<"$run"
-  stage "train_$name" 90 $PYTHON -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
+common=(--device "$DEVICE" --data "$DATA" --arch $arch --image-size $px --batch-size $batch --amp
+        --amp-dtype $bf16 --steps "$STEPS" --rounds "$ROUNDS" --no-augment)
+train() {  # train NAME DTYPE [FLAGS]: train.py itself under torchrun, 40 steps
+  local name=$1 dtype=$2
+  shift 2
+  stage "train_$name" 75 $PYTHON -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
     --device "$DEVICE" --data "$DATA" --loader torchvision --decode device --workers "$DECODE_WORKERS" \
-    --arch $arch --image-size $px --batch_size $batch --apex --amp-dtype "$dtype" $graphs --epochs 1 \
-    --max_steps 40 --print-freq 10 \
-    --checkpoint-every 0 --output-dir "$WORK/train_$name" --overwrite || status=1
-done
-stage loader_fps 120 $PYTHON bench/loader_fps.py --device "$DEVICE" --data "$DATA" --loaders torchvision \
-  --device-decode --device-decode-workers "$DECODE_WORKERS" --workers "$WORKERS" --batch-size $batch \
-  --image-size $px --epochs 2 --json "$WORK/loader_fps.json" || status=1
+    --arch $arch --image-size $px --batch_size $batch --apex --amp-dtype "$dtype" "$@" --epochs 1 \
+    --max_steps 40 --print-freq 10 --checkpoint-every 0 --output-dir "$WORK/train_$name" --overwrite
+}
+train bf16_graphs $bf16 --cuda-graphs
+stage step_agreement 45 $PYTHON bench/step_agreement.py --device "$DEVICE" --amp-dtype $bf16 "${agree[@]}" \
+  --json "$WORK/step_agreement.json"
+stage train_fps_device 75 $PYTHON bench/train_fps.py "${common[@]}" --loaders torchvision --decode device \
+  --workers "$DECODE_WORKERS" --cuda-graphs --json "$WORK/train_fps_device.json"
+stage decode_agreement 30 $PYTHON bench/decode_agreement.py --device "$DEVICE" --data "$DATA" --epochs 1 \
+  --image-size $px --batch-size $batch --workers "$WORKERS" --json "$WORK/decode_agreement.json"
+stage train_fps_graphs 45 $PYTHON bench/train_fps.py "${common[@]}" --loaders "" --cuda-graphs --rounds 1 \
+  --batch-sizes "$sizes" --json "$WORK/train_fps_graphs.json"
+stage train_fps_ffcv 60 $PYTHON bench/train_fps.py "${common[@]}" --loaders ffcv --workers "$WORKERS" \
+  --cuda-graphs --json "$WORK/train_fps_ffcv.json"
+train fp16_graphs $fp16 --cuda-graphs
 if [ "$COMPILE" = 1 ]; then
   stage train_fps_compile 200 $PYTHON bench/train_fps.py "${common[@]}" --loaders "" \
-    --compile-modes "$COMPILE_MODES" --json "$WORK/train_fps_compile.json" || status=1
+    --compile-modes default,reduce-overhead --json "$WORK/train_fps_compile.json"
 fi
-$PYTHON bench/accelerator_checks.py "$WORK" 2>&1 | tee -a "$LOG"
-cp "$WORK/checks.json" "$OUT/" 2>/dev/null
-# the trainers' checkpoints stay behind: only what a reader needs comes back
-tar -czf "$OUT/results.tar.gz" -C "$WORK" --exclude='*.pth' --exclude='tensorboard' . || status=1
+pack
+tee -a "$LOG" <"$WORK/checks.txt"
 echo "== done in $((SECONDS - start_s)) s, status $status; $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
-rm -rf "$WORK"
 exit $status

@@ -9,9 +9,11 @@
 # PyModule_Create2, so the extension is renamed to the suffix every CPython imports (.so) and runs
 # under another Python version. DEST/lib: the shared libraries _libffcv links, from this machine,
 # except the C and C++ runtimes, which the other machine's own (newer) ones must provide.
-# DEST/torchcodec: TorchCodec's wheel for the other machine's Python (TORCHCODEC_PYTHON, 3.12), the
-# decoder --decode device prefers. It is built for this machine's torch; accelerator.sh puts it on
-# the path only where it imports there, else the loaders use torchvision.io's decoders and say so.
+# DEST/site also gets google-crc32c's wheel for the other machine's Python (CARRY_PYTHON, 3.12): the
+# checksums of the converted data (core/manifest.py), which every loader reads.
+# DEST/torchcodec: TorchCodec's wheel for that Python, the decoder --decode device prefers. It is
+# built for this machine's torch; accelerator.sh puts it on the path only where it imports there,
+# else the loaders use torchvision.io's decoders and say so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.h200}
@@ -33,13 +35,18 @@ ldd "$DEST/site/ffcv/_libffcv.so" | awk '/=> \// {print $3}' | while read -r lib
   esac
 done
 wheels=$(mktemp -d)
-if $PYTHON -m pip download -q "torchcodec==$($PYTHON -c 'import torchcodec; print(torchcodec.__version__.split("+")[0])')" \
-     --no-deps --only-binary=:all: --python-version "${TORCHCODEC_PYTHON:-3.12}" \
-     --platform manylinux_2_28_x86_64 -d "$wheels"; then
+wheel() {  # wheel NAME: this machine's version of NAME, built for the other machine's Python
+  $PYTHON -m pip download -q "$1==$($PYTHON -c "import importlib.metadata as m; print(m.version('$1').split('+')[0])")" \
+    --no-deps --only-binary=:all: --python-version "${CARRY_PYTHON:-3.12}" --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$wheels"
+}
+wheel google-crc32c && $PYTHON -m zipfile -e "$wheels"/google_crc32c-*.whl "$DEST/site/" \
+  || { echo "carry_ffcv: no google-crc32c wheel for Python ${CARRY_PYTHON:-3.12}"; exit 1; }
+if wheel torchcodec; then
   rm -rf "$DEST/torchcodec" && mkdir -p "$DEST/torchcodec"
   $PYTHON -m zipfile -e "$wheels"/torchcodec-*.whl "$DEST/torchcodec/"
 else
-  echo "carry_ffcv: no torchcodec wheel for Python ${TORCHCODEC_PYTHON:-3.12}: the other machine decodes with torchvision.io"
+  echo "carry_ffcv: no torchcodec wheel for Python ${CARRY_PYTHON:-3.12}: the other machine decodes with torchvision.io"
 fi
 rm -rf "$wheels"
 if [ "$DEST" = .h200 ] && ! grep -qsx "/.h200/" .git/info/exclude; then

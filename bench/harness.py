@@ -178,8 +178,12 @@ def _serve(row: Row, conn):
 
 def measure(rows: list[Row], rounds: int, warmups: int = 1, who: str = "bench") -> dict:
     """Build every row, `warmups` untimed passes, then `rounds` timed ones, each pass over all rows
-    with the order rotated by one. Returns {name: {"warmup": [...], "runs": [...], **finish()}}."""
+    with the order rotated by one. Returns {name: {"warmup": [...], "runs": [...], **finish()}}.
+
+    Interrupted (SIGINT: a time limit) after a complete timed round, it returns the complete rounds
+    and sets `measure.partial`, so that what was measured is still written, marked partial."""
     results = {row.name: {"warmup": [], "runs": []} for row in rows}
+    measure.partial = False
     try:
         log(f"{who}: building {len(rows)} rows: {', '.join(r.name for r in rows)}")
         for row in rows:
@@ -198,6 +202,14 @@ def measure(rows: list[Row], rounds: int, warmups: int = 1, who: str = "bench") 
                     results[row.name]["warmup"].append(row.warm_up())
         for row in rows:
             results[row.name].update(row.finish())
+    except KeyboardInterrupt:
+        complete = min(len(v["runs"]) for v in results.values())
+        if not complete:
+            raise
+        log(f"{who}: interrupted: writing the {complete} complete rounds, marked partial")
+        for v in results.values():
+            del v["runs"][complete:]
+        measure.partial = True
     finally:
         for row in rows:
             row.close()
@@ -370,7 +382,8 @@ class Report:
         result = {"benchmark": self.benchmark, "command": self.command, "settings": settings,
                   "load_average_before": self.load_before, "load_average_after": load_after,
                   "wall_s": round(time.perf_counter() - self.start_s, 1),
-                  "environment": environment(), "versions": versions(*modules), **fields, "rows": rows}
+                  "environment": environment(), "versions": versions(*modules), "partial": getattr(measure, "partial", False),
+                  **fields, "rows": rows}
         result["targets"] = checks = check_targets(self.benchmark, rows, result)
         print(f"\n{self.benchmark}: {setting}; load average {self.load_before} before, {load_after} after")
         if columns:

@@ -47,14 +47,17 @@ def losses(args, device, precision: Precision, cuda_graphs: bool) -> tuple[list[
     # tensor_lr on both: the same LR arithmetic, so only capture differs
     step = TrainStep(model, optimizer, precision, device, cuda_graphs=cuda_graphs, tensor_lr=True)
     inputs, schedule = DeviceInput(), ScheduleConfig(epochs=1, warmup_epochs=0.5)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator(device).manual_seed(args.seed)  # batches made where they train: no host work
     out = []
-    for i in range(args.steps):
-        images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), generator=g,
-                               dtype=torch.uint8).contiguous(memory_format=torch.channels_last).to(device)
-        labels = torch.randint(0, args.classes, (args.batch_size,), generator=g).to(device)
-        out.append(step(*inputs(images, labels, i), lr=schedule.lr_at(i, OptimizerConfig().lr, args.steps)))
-    return torch.stack(out).float().tolist(), step.note
+    try:
+        for i in range(args.steps):
+            images = torch.randint(0, 256, (args.batch_size, args.image_size, args.image_size, 3), generator=g,
+                                   dtype=torch.uint8, device=device).permute(0, 3, 1, 2)  # channels_last
+            labels = torch.randint(0, args.classes, (args.batch_size,), generator=g, device=device)
+            out.append(step(*inputs(images, labels, i), lr=schedule.lr_at(i, OptimizerConfig().lr, args.steps)))
+    except KeyboardInterrupt:  # a time limit: compare the steps both copies made
+        print(f"step_agreement: interrupted after {len(out)} steps", file=sys.stderr)
+    return torch.stack(out).float().tolist() if out else [], step.note
 
 
 def main(argv=None):
@@ -66,12 +69,16 @@ def main(argv=None):
     if precision.note:
         print(f"step_agreement: {precision.note}", file=sys.stderr)
     eager, _ = losses(args, device, precision, cuda_graphs=False)
-    graphed, note = losses(args, device, precision, cuda_graphs=True)
+    graphed, note = losses(args, device, precision, cuda_graphs=True) if len(eager) == args.steps else ([], None)
     if note:
         print(f"step_agreement: {note}", file=sys.stderr)
     rel = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(eager, graphed)]
+    if not rel:
+        raise ConfigError("step_agreement: interrupted before the second copy's first step: nothing to compare")
     worst = max(range(len(rel)), key=rel.__getitem__)
+    eager = eager[:len(graphed)]
     result = {"settings": {**vars(args), "precision": precision.name, "device": str(device)},
+              "partial": len(graphed) < args.steps,
               "captured": note is None, "note": note, "max_rel_diff": rel[worst], "at_step": worst,
               "final_loss": {"eager": eager[-1], "graphed": graphed[-1]},
               "loss": {"eager": eager, "graphed": graphed}}

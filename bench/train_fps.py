@@ -317,7 +317,8 @@ def main(argv=None):
     result = report.write(args, setting, settings, out, COLUMNS, [bar(r) for r in out],
                           "training images/s (median over rounds, min-max whiskers)",
                           reference=(out[0]["imgs_per_s"], "model only"),
-                          modules=("torchvision", "ffcv", "nvidia.dali"),
+                          modules=("torchvision", *[{"ffcv": "ffcv", "dali": "nvidia.dali"}[n] for n in
+                                                     settings["steps_per_epoch"] if n != "torchvision"]),
                           best_model_only={"row": best["name"], "imgs_per_s": best["imgs_per_s"]})
     print(f"fastest model-only row: {best['name']}, {best['imgs_per_s']:.1f} img/s")
     return result

@@ -231,3 +231,70 @@ def test_code_version_names_each_modified_file_whole(tmp_path, monkeypatch):
     version = harness.code_version()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True)
     assert version == {"commit": head.stdout.strip(), "modified": ["README.md", "train.py"]}
+
+
+class Interrupted(Step):
+    """A row whose `at`-th timed run is cut off by a time limit (SIGINT)."""
+
+    def __init__(self, name, log, at: int):
+        super().__init__(name, log)
+        self.at, self.calls = at, 0
+
+    def work(self):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return super().work()
+
+
+def test_a_measurement_cut_off_keeps_its_complete_rounds_marked_partial():
+    log = []
+    results = harness.measure([Step("a", log), Interrupted("b", log, at=2)], rounds=3, warmups=0)
+    assert harness.measure.partial and [len(results[n]["runs"]) for n in "ab"] == [1, 1]
+    assert harness.stats(results["a"])["imgs_per_s"] > 0
+    with pytest.raises(KeyboardInterrupt):  # not one complete round: nothing to write
+        harness.measure([Step("a", log), Interrupted("b", log, at=1)], rounds=3, warmups=0)
+    harness.measure([Step("a", log)], rounds=1, warmups=0)
+    assert not harness.measure.partial
+
+
+def test_the_accelerator_preflight_runs_here_and_names_a_carried_package_that_is_missing(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "bench/accelerator_checks.py", "--preflight", "--device", "cpu"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "preflight: sgd: 6 steps, eager" in proc.stdout and "preflight: rmsprop: 6 steps" in proc.stdout
+    # as if the crc32c wheel had not been carried: the import fails, so the preflight must
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'google_crc32c':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n")
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{REPO}"
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "preflight: cannot import google_crc32c (needed by" in proc.stderr
+    assert "Traceback" not in proc.stderr and "preflight: sgd" not in proc.stdout
+
+
+def test_the_rehearsal_refuses_what_would_not_come_back(tmp_path):
+    import tarfile
+    from bench.accelerator_checks import returned
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "train_bf16_graphs").mkdir(parents=True)
+    out.mkdir()
+    stages = [{"stage": "preflight", "rc": 0, "wall_s": 9, "limit_s": 45},
+              {"stage": "train_bf16_graphs", "rc": 0, "wall_s": 30, "limit_s": 75},
+              {"stage": "step_agreement", "rc": 124, "wall_s": 45, "limit_s": 45}]
+    (work / "stages.jsonl").write_text("".join(json.dumps(s) + "\n" for s in stages))
+    (out / "accelerator.log").write_text("== preflight: rc 0 after 9 s\n")
+    with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
+        tar.add(work, arcname=".")
+    problems = returned(out, call_rc=1)
+    assert "stage step_agreement: rc 124 after 45 s (limit 45 s)" in problems
+    assert "stage train_bf16_graphs wrote no train_bf16_graphs/summary.json" in problems
+    assert "stage step_agreement wrote no step_agreement.json" in problems
+    for i in range(8):
+        (out / f"extra{i}.json").write_text("{}")
+    assert f"10 files in {out}: the device tool brings back 8" in returned(out, call_rc=1)
