@@ -72,8 +72,10 @@ if [ -d "$CARRY/site" ]; then
   done
   export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-if [ -d "$CARRY/torchcodec" ] && PYTHONPATH="$PWD/$CARRY/torchcodec:$PYTHONPATH" $PYTHON -c \
-     "from torchcodec.decoders import decode_jpeg" 2>/dev/null; then
+# TorchCodec only where it decodes a batch on the device with this torch: else torchvision.io's decoders
+if [ -d "$CARRY/torchcodec" ] && PYTHONPATH="$PWD/$CARRY/torchcodec:$PYTHONPATH" $PYTHON -c "import torch, torchvision.io
+from torchcodec.decoders import decode_jpeg
+decode_jpeg([torchvision.io.encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))], device='$DEVICE')" 2>/dev/null; then
   export PYTHONPATH="$PWD/$CARRY/torchcodec:$PYTHONPATH"
 fi
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
