@@ -22,7 +22,14 @@ from loaders import build_loader
 from loaders.device_decode import DECODER, crop_resize, decode_image, jpeg_header, prefetch
 from test_train import REPO, ok, records
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+
+
+def needs_cuda(test):
+    """Skipped without CUDA; `pytest -m cuda` selects these on a GPU (bench/accelerator.sh)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
+                                               reason="needs a CUDA device (nvJPEG)")(test))
+
+
 
 
 def _encode(mode: str, fmt: str = "JPEG", size=(50, 40), **kw) -> bytes:

@@ -29,7 +29,14 @@ from model import create_model
 from test_train import REPO, ok, records, run_train
 
 CPU = torch.device("cpu")
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (graph capture)")
+
+
+def cuda_only(test):
+    """Skipped without CUDA; `pytest -m cuda` selects these on a GPU (bench/accelerator.sh)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
+                                               reason="needs a CUDA device (graph capture)")(test))
+
+
 IMPLS = [("sgd", "fused"), ("sgd", "foreach"), ("rmsprop", "foreach")]  # each against its for-loop
 
 
