@@ -182,29 +182,50 @@ class DeviceStage:
 
 _DONE = object()
 
+# Held by the decode thread around each batch's device work (until that work is complete) and by
+# engine.step.StepGraph while it captures: the two never overlap, so nothing the decode thread
+# launches (nvJPEG may grow its buffers, the allocator may call cudaMalloc) lands inside a capture.
+# Capture is rare (the first steps per input shape); a batch's decode waits for it, and it for the
+# batch in flight. No side holds it while waiting for the other's progress (the decode thread
+# releases it before it queues the batch), so neither can deadlock.
+DEVICE_WORK = threading.Lock()
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream this process decodes on, per CUDA device: every epoch and validation
+    pass reuses it, and with it the memory the caching allocator keeps per stream. (Streams come
+    from a round-robin pool of 32: one per pass would soon come round to the capture stream.)"""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STREAMS:
+        _STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
+    return _STREAMS[index]
+
 
 def prefetch(batches, work, device: torch.device, depth: int = 2):
-    """Yield work(batch) for each of `batches`, computed in a thread `depth` batches ahead, on a
-    side stream on CUDA, so batch i + 1 is read and decoded while step i trains.
+    """Yield work(batch) for each of `batches`, computed in a thread `depth` batches ahead, on the
+    decode stream on CUDA, so batch i + 1 is read and decoded while step i trains.
 
     The nvJPEG hazard: the hardware JPEG engine does not follow CUDA stream order, so a buffer the
     caching allocator recycles to it could still be read by kernels queued before. The thread
     therefore waits for each batch to be complete (its side stream idle) before it starts the
     next, and the consumer's stream adopts the batch (record_stream), so its memory returns to the
-    pool only after the consumer's kernels have run. An exception in the thread is raised here,
+    pool only after the consumer's kernels have run. Each batch's work holds DEVICE_WORK; reading
+    the next host batch and queueing the result do not. An exception in the thread is raised here,
     after the batches made before it, in order."""
     out, stop = queue.Queue(maxsize=depth), threading.Event()
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    side = decode_stream(device) if device.type == "cuda" else None
 
     def produce():
         try:
             for batch in batches:
-                if side is not None:
-                    with torch.cuda.stream(side):
+                with DEVICE_WORK:
+                    if side is not None:
+                        with torch.cuda.stream(side):
+                            result = work(batch)
+                        side.synchronize()  # complete before the next decode may reuse its memory
+                    else:
                         result = work(batch)
-                    side.synchronize()  # complete before the next decode may reuse its memory
-                else:
-                    result = work(batch)
                 while not stop.is_set():
                     try:
                         out.put(result, timeout=0.1)
