@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine.optim import hold_lr_on_device, lr_read_on_host, set_lr
 from engine.precision import Precision
 from loaders.common import normalize
+from loaders.device_decode import DEVICE_WORK
 
 WARMUP_STEPS = 3       # eager steps per input shape before capture: cudnn autotuning, optimiser state
 DDP_WARMUP_STEPS = 11  # PyTorch's CUDA graphs notes: DDP needs 11 eager iterations before capture
@@ -249,9 +250,13 @@ class StepGraph:
         self.static_x, self.static_targets = torch.empty_like(x), torch.empty_like(targets)
         self.graph = torch.cuda.CUDAGraph()
         self.step.optimizer.zero_grad(set_to_none=True)  # backward allocates the static grads in the pool
-        # thread_local: the loaders' threads keep putting batches on the device meanwhile; unsafe
-        # calls are forbidden on this thread only, as in inductor's cudagraph trees.
-        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+        # DEVICE_WORK: the device-decode thread finishes the batch it is on and starts no other
+        # until the capture is done (nvJPEG may grow its buffers). thread_local: other threads
+        # that may touch CUDA meanwhile (a DataLoader's pin-memory thread, NCCL's watchdog) are not
+        # held to capture's rules; unsafe calls are forbidden on this thread only, as in inductor's
+        # cudagraph trees. Nothing in the capture waits on the loader, so holding the lock cannot
+        # deadlock with the decode thread (which releases it before it queues a batch).
+        with DEVICE_WORK, torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
             self.static_loss = self.step.forward_backward(self.static_x, self.static_targets)
             if self.whole_step:
                 self.step.update()

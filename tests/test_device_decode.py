@@ -18,17 +18,22 @@ from torchvision.transforms import v2
 
 from convert.make_sample import make_sample
 from core.errors import LoaderError
+from engine.optim import OptimizerConfig, build_optimizer
+from engine.precision import Precision
+from engine.step import DeviceInput, TrainStep
 from loaders import build_loader
-from loaders.device_decode import DECODER, crop_resize, decode_image, jpeg_header, prefetch
+from loaders.device_decode import (DECODER, DEVICE_WORK, crop_resize, decode_image, decode_stream, jpeg_header,
+                                   plan_groups, prefetch)
+from model import create_model
 from test_train import REPO, ok, records
 
+CPU = torch.device("cpu")
 
 
 def needs_cuda(test):
     """Skipped without CUDA; `pytest -m cuda` selects these on a GPU (bench/accelerator.sh)."""
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
                                                reason="needs a CUDA device (nvJPEG)")(test))
-
 
 
 
@@ -101,6 +106,92 @@ def test_the_val_crop_is_resize_shorter_side_then_center_crop(size_px, ratio):
         resized = v2.functional.resize(image[None].float(), [int(size_px / ratio)], antialias=True)
         expected = v2.functional.center_crop(resized, [size_px])[0].round().clamp(0, 255)
         assert (got.float() - expected).abs().max() <= 1
+
+
+def test_a_batch_is_padded_to_within_twice_the_sum_of_its_crops_whatever_its_largest_image():
+    g = torch.Generator().manual_seed(0)
+    heights = [2372] + torch.randint(60, 500, (255,), generator=g).tolist()  # one large photo among 255 crops
+    widths = [2400] + torch.randint(60, 500, (255,), generator=g).tolist()
+    groups = plan_groups(heights, widths)
+    assert sorted(i for group in groups for i in group) == list(range(256))
+    padded_px = sum(len(group) * max(heights[i] for i in group) * max(widths[i] for i in group) for group in groups)
+    crops_px = sum(h * w for h, w in zip(heights, widths))
+    assert padded_px <= 2 * crops_px
+    assert 256 * 2372 * 2400 > 50 * crops_px  # what padding all to the largest took
+    assert len(groups) <= 20  # a few batched products per batch, not one per image (sides drawn apart: 14 here)
+    assert plan_groups([300] * 8, [400] * 8) == [list(range(8))]  # equal crops: one group
+
+
+LARGE_PHOTO_BATCH = """
+import resource, torch
+from loaders.device_decode import crop_resize
+images = [torch.randint(0, 256, (3, 2372, 2400), dtype=torch.uint8)]
+images += [torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8) for _ in range(15)]
+params = torch.tensor([[0, 0, 2372, 2400, 0]] + [[50, 50, 200, 300, 1]] * 15)
+crop_resize(images[1:3], params[1:3], 32, True, 0.875)  # first-call buffers, outside the measure
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+crop_resize(images, params, 32, True, 0.875)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+LARGE_PHOTO_CROPS_PX = 3 * (2372 * 2400 + 15 * 200 * 300)
+
+
+def test_a_batch_with_one_large_photo_takes_memory_for_its_crops_not_n_times_the_photo():
+    """The peak memory of crop_resize on 16 images, one 2400 x 2372 px photo and 15 small ones,
+    over what the process held before (its own process: ru_maxrss is a high-water mark). Padding
+    all 16 to the photo's size took 1.37 GB here; grouped, 144 MB (7 bytes per crop pixel)."""
+    proc = subprocess.run([sys.executable, "-c", LARGE_PHOTO_BATCH], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    extra_bytes = int(proc.stdout.split()[-1])
+    assert extra_bytes <= 16 * LARGE_PHOTO_CROPS_PX, extra_bytes / 2**20
+
+
+def test_a_capture_waits_for_the_batch_the_decode_thread_is_on():
+    """DEVICE_WORK from the decode thread's side, with the CPU as the device (StepGraph.capture's
+    side, that it holds the lock while capturing, is tested on CUDA in test_step.py): a capture
+    that comes while a batch is being decoded starts only once that batch is done."""
+    on_it, finish, log = threading.Event(), threading.Event(), []
+
+    def work(b):
+        if b == 0:
+            on_it.set()
+            finish.wait(timeout=60)
+        log.append(f"decoded {b}")
+        return (torch.tensor(b),)
+
+    def capture():
+        with DEVICE_WORK:
+            log.append("captured")
+
+    batches = prefetch(iter(range(3)), work, CPU)
+    reader = threading.Thread(target=lambda: log.extend(f"got {int(x[0])}" for x in batches))
+    reader.start()
+    assert on_it.wait(timeout=60)
+    capturer = threading.Thread(target=capture)
+    capturer.start()
+    capturer.join(timeout=0.5)
+    assert capturer.is_alive() and "captured" not in log  # waiting for batch 0's device work
+    finish.set()
+    capturer.join(timeout=60)
+    reader.join(timeout=60)
+    assert log.index("captured") > log.index("decoded 0")
+    assert [e for e in log if e.startswith("got")] == ["got 0", "got 1", "got 2"]
+
+
+def test_no_batch_is_decoded_while_a_capture_holds_the_lock():
+    started, got = threading.Event(), []
+
+    def work(b):
+        started.set()
+        return (torch.tensor(b),)
+
+    with DEVICE_WORK:  # as StepGraph.capture holds it
+        reader = threading.Thread(target=lambda: got.extend(int(x[0]) for x in prefetch(iter(range(3)), work, CPU)))
+        reader.start()
+        assert not started.wait(timeout=0.5)  # the decode thread waits at the lock
+    reader.join(timeout=60)
+    assert started.is_set() and got == [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -202,11 +293,11 @@ def test_prefetch_keeps_order_raises_in_turn_and_stops_its_thread():
 
     got = []
     with pytest.raises(LoaderError, match="sample 5"):
-        for item in prefetch(batches(), lambda b: (torch.tensor(b),), torch.device("cpu")):
+        for item in prefetch(batches(), lambda b: (torch.tensor(b),), CPU):
             got.append(int(item[0]))
     assert got == [0, 1, 2, 3, 4]  # every batch made before the failure, in order, then the failure
 
-    stream = prefetch(iter(range(100)), lambda b: (torch.tensor(b),), torch.device("cpu"))
+    stream = prefetch(iter(range(100)), lambda b: (torch.tensor(b),), CPU)
     assert int(next(stream)[0]) == 0
     stream.close()  # a consumer that stops early (--max_steps) ends the thread
     assert not [t for t in threading.enumerate() if t.name == "device-decode"]
@@ -236,7 +327,7 @@ def test_a_cpu_run_decoding_on_the_device_learns_as_the_host_path_does(tmp_path)
 
 
 @needs_cuda
-def test_nvjpeg_batches_equal_the_cpu_paths_over_many_recycled_buffers(odd_dataset):
+def test_cuda_nvjpeg_batches_equal_the_cpu_paths_over_many_recycled_buffers(odd_dataset):
     """The nvJPEG hazard: buffers recycled while queued kernels still read them would corrupt later
     batches; three epochs of device batches must stay within the decoders' rounding of the CPU's."""
     cuda = torch.device("cuda")
@@ -251,3 +342,63 @@ def test_nvjpeg_batches_equal_the_cpu_paths_over_many_recycled_buffers(odd_datas
             assert torch.equal(la, lb)
             # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels
             assert (a.float() - b.float()).abs().mean() < 2.0
+
+
+@needs_cuda
+def test_cuda_every_prefetch_pass_decodes_on_the_same_stream():
+    """One decode stream per device, made once: streams come from a round-robin pool of 32, so a
+    stream per pass (each epoch, each validation pass) would come round to the capture stream."""
+    cuda, seen = torch.device("cuda", 0), set()
+
+    def work(b):
+        seen.add(torch.cuda.current_stream(cuda).cuda_stream)
+        return (torch.full((1,), b, device=cuda),)
+
+    for _ in range(40):  # more passes than the pool holds
+        assert [int(x[0]) for x in prefetch(iter(range(2)), work, cuda)] == [0, 1]
+    assert seen == {decode_stream(cuda).cuda_stream}
+    assert decode_stream(torch.device("cuda")) is decode_stream(cuda)
+
+
+@needs_cuda
+def test_cuda_a_batch_with_one_large_photo_takes_memory_for_its_crops():
+    """The CPU test's batch on the GPU: the allocator's peak over what the images hold is bounded
+    by the crops (16 bytes per crop pixel), not by 16 x the photo (1.37 GB before the crops were
+    grouped), and the pixels are the CPU's within rounding."""
+    cuda = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 2372, 2400), dtype=torch.uint8, generator=g)]
+    images += [torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8, generator=g) for _ in range(15)]
+    params = torch.tensor([[0, 0, 2372, 2400, 0]] + [[50, 50, 200, 300, 1]] * 15)
+    on_cuda = [image.to(cuda) for image in images]
+    crop_resize(on_cuda[1:3], params[1:3], 32, True, 0.875)  # cuBLAS's workspace, outside the measure
+    torch.cuda.synchronize(cuda)
+    torch.cuda.reset_peak_memory_stats(cuda)
+    before = torch.cuda.memory_allocated(cuda)
+    out = crop_resize(on_cuda, params, 32, True, 0.875)
+    torch.cuda.synchronize(cuda)
+    extra_bytes = torch.cuda.max_memory_allocated(cuda) - before
+    assert extra_bytes <= 16 * LARGE_PHOTO_CROPS_PX + 64 * 2**20, extra_bytes / 2**20
+    expected = crop_resize(images, params, 32, True, 0.875)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.cpu().float() - expected.float()).abs().max() <= 1
+
+
+@needs_cuda
+def test_cuda_graphed_training_on_device_decoded_batches(odd_dataset):
+    """train.py's GPU path in one process: nvJPEG batches from the decode thread, and the step
+    captured (StepGraph holds DEVICE_WORK meanwhile) and replayed over three epochs."""
+    cuda = torch.device("cuda", 0)
+    loader = build_loader("torchvision", split="train", data=odd_dataset, batch_size=4, workers=2, image_size=40,
+                          seed=3, device=cuda, options={"source": "shards", "decode": "device"})
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_small_100", num_classes=3, dropout=0.0).to(
+        cuda, memory_format=torch.channels_last).train()
+    step = TrainStep(model, build_optimizer(model, OptimizerConfig(name="sgd", lr=0.01)),
+                     Precision(True, torch.bfloat16), cuda, cuda_graphs=True)
+    inputs, losses = DeviceInput(), []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        losses += [step(*inputs(images, labels, i)) for i, (images, labels) in enumerate(loader)]
+    assert step.note is None and step.graph.captures == 1 and len(losses) == 3 * len(loader)
+    assert torch.isfinite(torch.stack(losses)).all() and not DEVICE_WORK.locked()

@@ -7,6 +7,8 @@ none), each optimizer kernel choice against the for-loop, the LR held in a devic
 float LR, the graph-safe step body against the step as it was before, and --cuda-graphs falling
 back on the CPU with one line and bitwise the same run. CUDA-only tests are skipped here.
 """
+import contextlib
+import gc
 import json
 import subprocess
 import sys
@@ -15,7 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from core.errors import ConfigError
@@ -24,7 +28,8 @@ from engine.config import parse_config
 from engine.optim import (OptimizerConfig, build_optimizer, current_lr, hold_lr_on_device, portable_state_dict,
                           resolve_impl, set_lr)
 from engine.precision import Precision
-from engine.step import TrainStep, graph_blocker, unwrap
+from engine.step import DDP_WARMUP_STEPS, WARMUP_STEPS, TrainStep, capture_stream, graph_blocker, unwrap
+from loaders.device_decode import DEVICE_WORK
 from model import create_model
 from test_train import REPO, ok, records, run_train
 
@@ -228,7 +233,7 @@ def test_the_graph_safe_body_gives_the_steps_results_as_before(precision, loss_s
         assert now["skipped"] == 4
 
 
-def test_cuda_graphs_on_the_cpu_say_why_in_one_line_and_change_nothing():
+def test_graph_capture_asked_on_the_cpu_says_why_in_one_line_and_changes_nothing():
     graphed = run_steps(TrainStep, Precision(False), cuda_graphs=True)
     eager = run_steps(TrainStep, Precision(False))
     assert graphed["note"] == ("--cuda-graphs: capture needs a CUDA device and this run is on cpu: running the step "
@@ -309,24 +314,31 @@ def test_train_fps_adds_a_row_per_batch_size_and_leaves_the_graphed_rows_out_on_
     assert bad.returncode == 2 and "fastest: choose from default,max-autotune-no-cudagraphs,reduce-overhead" in bad.stderr
 
 
-# -- CUDA only --------------------------------------------------------------------------------------
-def cuda_steps(cuda_graphs: bool, precision: Precision, steps: int = 20, loss_scale: float = 2.0 ** 16) -> dict:
+# -- CUDA only (every name has "cuda": -k test_cuda_) ------------------------------------------------
+def cuda_steps(cuda_graphs: bool, precision: Precision, steps: int = 20, loss_scale: float = 2.0 ** 16,
+               opt: str = "rmsprop", ddp: bool = False) -> dict:
+    """`steps` steps through TrainStep on CUDA, optimizer `opt` in the kernels train.py picks (auto:
+    fused SGD, foreach RMSprop, capturable once the LR is a tensor); ddp: the model in
+    DistributedDataParallel, over the process group the caller made."""
     device = torch.device("cuda", 0)
-    model = small_model(device, dropout=0.0)  # no random draws: graphed and eager see the same numbers
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
-    optimizer = build_optimizer(model, OptimizerConfig(name="rmsprop", lr=0.01))
-    step = TrainStep(model, optimizer, precision, device, ema=ema, loss_scale=loss_scale, cuda_graphs=cuda_graphs)
+    net = small_model(device, dropout=0.0)  # no random draws: graphed and eager see the same numbers
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    optimizer = build_optimizer(net, OptimizerConfig(name=opt, lr=0.01))
+    stream = capture_stream(device) if cuda_graphs else None  # as train.py makes it
+    model = net
+    if ddp:  # as engine.distributed.wrap_ddp builds it: on the capture stream when the step is captured
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            model = DistributedDataParallel(net, device_ids=[device.index])
+    step = TrainStep(model, optimizer, precision, device, ema=ema, loss_scale=loss_scale, cuda_graphs=cuda_graphs,
+                     graph_stream=stream)
     assert step.note is None and (step.graph is not None) == cuda_graphs
     losses = [step(*batch(n=16, px=64, seed=i, device=device), lr=0.01 * (1 - i / 40)) for i in range(steps)]
-    return {"losses": torch.stack(losses).float().cpu(), "model": tensors(model), "skipped": int(step.skipped),
-            "captures": step.graph.captures if step.graph else 0}
+    return {"losses": torch.stack(losses).float().cpu(), "model": tensors(net), "skipped": int(step.skipped),
+            "captures": step.graph.captures if step.graph else 0,
+            "warmup_steps": step.graph.warmup_steps if step.graph else None}
 
 
-@cuda_only
-@pytest.mark.parametrize("precision", [Precision(True, torch.bfloat16), Precision(False)], ids=["bf16", "fp32"])
-def test_graphed_and_eager_steps_agree_over_20_steps(precision):
-    graphed, eager = cuda_steps(True, precision), cuda_steps(False, precision)
-    assert graphed["captures"] == 1
+def assert_graphed_agrees_with_eager(graphed: dict, eager: dict, precision: Precision):
     # cudnn's backward may sum in another order from run to run: noise, but no drift
     loss_rel = ((graphed["losses"] - eager["losses"]).abs() / eager["losses"].abs()).max().item()
     a, b = (torch.cat([t.float().flatten().cpu() for t in run["model"]]) for run in (graphed, eager))
@@ -336,17 +348,60 @@ def test_graphed_and_eager_steps_agree_over_20_steps(precision):
 
 
 @cuda_only
-def test_graphed_fp16_keeps_the_scaler_counting_skipped_steps():
-    graphed = cuda_steps(True, Precision(True, torch.float16), steps=6, loss_scale=1e30)
+@pytest.mark.parametrize("opt", ["rmsprop", "sgd"])  # capturable foreach RMSprop; fused SGD
+@pytest.mark.parametrize("precision", [Precision(True, torch.bfloat16), Precision(False)], ids=["bf16", "fp32"])
+def test_cuda_graphed_and_eager_steps_agree_over_20_steps(precision, opt):
+    graphed, eager = cuda_steps(True, precision, opt=opt), cuda_steps(False, precision, opt=opt)
+    assert graphed["captures"] == 1 and graphed["warmup_steps"] == WARMUP_STEPS
+    assert_graphed_agrees_with_eager(graphed, eager, precision)
+
+
+@cuda_only
+@pytest.mark.parametrize("opt", ["rmsprop", "sgd"])  # fused SGD takes the scaler's overflow flag in its kernel
+def test_cuda_graphed_fp16_keeps_the_scaler_counting_skipped_steps(opt):
+    graphed = cuda_steps(True, Precision(True, torch.float16), steps=6, loss_scale=1e30, opt=opt)
     assert graphed["skipped"] == 6 and graphed["captures"] == 1
     assert all(torch.isfinite(t).all() for t in graphed["model"])
-    graphed, eager = (cuda_steps(graphs, Precision(True, torch.float16), steps=6) for graphs in (True, False))
+    graphed, eager = (cuda_steps(graphs, Precision(True, torch.float16), steps=6, opt=opt) for graphs in (True, False))
     assert graphed["skipped"] == eager["skipped"] and torch.isfinite(graphed["losses"]).all()
 
 
 @cuda_only
+def test_cuda_graphed_ddp_in_a_one_process_nccl_group_agrees_with_eager(monkeypatch):
+    """DDP under capture, its bucketed all-reduces and buffer broadcasts in the graph. train.py
+    makes no process group at world size 1, so this makes one: NCCL, one process, a store in memory."""
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # what distributed.setup sets for capture
+    device = torch.device("cuda", 0)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+    try:
+        graphed = cuda_steps(True, Precision(False), ddp=True)
+        eager = cuda_steps(False, Precision(False), ddp=True)
+    finally:
+        gc.collect()  # the graphs (held in a TrainStep <-> StepGraph cycle) go before the communicator
+        dist.destroy_process_group()
+    assert graphed["captures"] == 1 and graphed["warmup_steps"] == DDP_WARMUP_STEPS
+    assert_graphed_agrees_with_eager(graphed, eager, Precision(False))
+
+
+@cuda_only
+def test_cuda_capture_holds_the_device_decode_lock():
+    """StepGraph captures holding DEVICE_WORK, the lock each device-decode batch's work holds
+    (the decode thread's side is tested on the CPU in test_device_decode.py): the forward sees it
+    held in the capture and only there (warm-up steps run eagerly; replays run no Python)."""
+    device = torch.device("cuda", 0)
+    model, held = small_model(device, dropout=0.0), []
+    model.register_forward_pre_hook(lambda module, args: held.append(DEVICE_WORK.locked()))
+    step = TrainStep(model, build_optimizer(model, OptimizerConfig(name="sgd", lr=0.01)), Precision(False), device,
+                     cuda_graphs=True)
+    for i in range(WARMUP_STEPS + 3):
+        step(*batch(n=8, px=32, seed=i, device=device))
+    assert step.graph.captures == 1 and held == [False] * WARMUP_STEPS + [True]
+    assert not DEVICE_WORK.locked()
+
+
+@cuda_only
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_train_py_on_cuda_under_torchrun_with_cuda_graphs(tiny_sample, tmp_path, dtype):
+def test_cuda_train_py_under_torchrun_with_cuda_graphs(tiny_sample, tmp_path, dtype):
     proc = ok(run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "2", "--device", "cuda",
                          "--apex", "--amp-dtype", dtype, "--cuda-graphs", "--opt", "rmsprop"], tmp_path,
                         torchrun_nproc=1))
