@@ -34,6 +34,7 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = --rehearse ]; then
   venv=${REHEARSE_VENV:-out/accelerator-venv} carry=out/accelerator-carry
   OUT=${OUT:-out/accelerator-rehearsal}
+  make -s setup || exit 1  # .venv: the FFCV that is carried, as in a real call, comes from it
   if [ ! -e "$venv/.complete" ]; then  # the H200's versions; what it holds beyond them is not needed
     python3 -m venv --clear "$venv" && "$venv/bin/pip" install -q torch==2.11.0 torchvision==0.26.0 \
       numpy pyyaml tqdm matplotlib psutil pytest pytest-timeout numba opencv-python-headless && touch "$venv/.complete" \
