@@ -134,9 +134,10 @@ def chance_note(history: list[dict], num_classes: int, bn_momentum: float, total
     first_loss, loss = history[0]["train_loss"], history[-1]["train_loss"]
     if not loss <= 0.8 * first_loss:
         return None
-    return (f"train.py: Acc@1 {history[-1]['acc1']:.1f} is near chance ({chance:.1f}) although the train loss "
-            f"fell from {first_loss:.3f} to {loss:.3f}: likely cause: BatchNorm running statistics not settled "
-            f"(momentum {bn_momentum:g} for this run's {total_steps} steps): raise --bn-momentum (e.g. 0.1)")
+    return (f"train.py: val accuracy {history[-1]['acc1']:.1f}% is near chance ({chance:.1f}% for {num_classes} "
+            f"classes) although the train loss fell from {first_loss:.3f} to {loss:.3f}: likely cause: BatchNorm "
+            f"running statistics not settled (momentum {bn_momentum:g} for this run's {total_steps} steps): raise "
+            f"--bn-momentum (e.g. 0.1)")
 
 
 def build_augment(args, num_classes: int):

@@ -88,8 +88,9 @@ def test_the_chance_note_needs_chance_accuracy_and_a_falling_loss():
     first = {"acc1": 20.0, "train_loss": 1.56}
     fallen = {"acc1": 28.0, "train_loss": 1.05}
     note = chance_note([first, fallen], 5, 0.01, 100)
-    assert note.startswith("train.py: Acc@1 28.0 is near chance (20.0)") and "--bn-momentum" in note
-    assert "momentum 0.01 for this run's 100 steps" in note
+    assert note.startswith("train.py: val accuracy 28.0% is near chance (20.0% for 5 classes)")
+    assert "Acc@1 " not in note  # the lines that start with it are the results
+    assert note.endswith("(momentum 0.01 for this run's 100 steps): raise --bn-momentum (e.g. 0.1)")
     assert chance_note([first], 5, 0.01, 100) is None  # nothing to compare yet
     assert chance_note([first, {**fallen, "acc1": 31.0}], 5, 0.01, 100) is None  # above 1.5 x chance
     assert chance_note([first, {**fallen, "train_loss": 1.4}], 5, 0.01, 100) is None  # the loss barely fell
