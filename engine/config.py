@@ -145,7 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
              "0..30; timm's mstd x 3 (timm's mstd0.5 = 1.5); inf: uniform in 0..--ra-magnitude")
     add("--random-erase-mode", default="const", choices=["const", "pixel"],
         help="random erasing fill: const (the mean) or pixel (per-pixel normal noise, timm's recipe)")
-    add("--bn-momentum", type=bn_momentum, default="auto",
+    add("--bn-momentum", default="auto",  # checked in parse_config, a recipe's value too
         help="BatchNorm momentum: how fast the running statistics that evaluation uses follow the batches. "
              "auto: from the run's total steps (--epochs x steps per epoch, --max_steps honoured), so they "
              "settle within the first 5%% of the run: 0.1 up to ~870 steps, the model's own 0.01 (TF's "
