@@ -20,7 +20,7 @@ from core.errors import CheckpointError, ConfigError, DatasetError, LoaderError,
 from core.manifest import MANIFEST, size_problems
 from engine import checkpoint as ckpt
 from engine import distributed
-from engine.config import optimizer_config, parse_config, resolution_schedule, schedule_config, to_dict
+from engine.config import get_args_parser, optimizer_config, parse_config, resolution_schedule, schedule_config, to_dict
 from engine.faults import LoaderFailed
 from engine.loop import EpochPlan, evaluate, train_one_epoch
 from engine.metrics import (append_jsonl, hardware, keep_jsonl, per_class_report, plot_history, read_jsonl,
@@ -31,7 +31,7 @@ from engine.step import DeviceInput, TrainStep, capture_stream
 from engine.tensorboard import ScalarWriter
 from loaders import build_loader, loader_options
 from model import create_model, load_pretrained
-from model.mobilenetv3 import get_bn_eps, set_bn_eps
+from model.mobilenetv3 import BN_MOMENTUM, auto_bn_momentum, get_bn_eps, set_bn_eps, set_bn_momentum
 
 
 def prepare_data(args, runtime) -> Path:
@@ -91,12 +91,53 @@ def build_model(args, num_classes: int, device: torch.device, log):
                          bn_eps=args.bn_eps)
     if args.pretrained:  # torchvision's or timm's format; the model takes the eps of the weights
         log(load_pretrained(model, args.pretrained, num_classes=num_classes, bn_eps=args.bn_eps))
-    if args.bn_momentum is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = args.bn_momentum
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     return model.to(device, memory_format=memory_format)
+
+
+def take_network_from_checkpoint(args, argv):
+    """--evaluate --resume CKPT: the network is the checkpoint's (its arch here; its classes and
+    BatchNorm eps are checked and set where it is loaded), as export.py and predict.py read it."""
+    saved = (ckpt.load(args.resume).get("config") or {}).get("arch")
+    if not saved or saved == args.arch:
+        return
+    explicit = get_args_parser()  # the command line's own --arch, not a default or a recipe's
+    explicit.set_defaults(arch=None)
+    if explicit.parse_args(argv).arch is not None:
+        raise ConfigError(f"--arch {args.arch}: {args.resume} holds a {saved}; drop --arch to evaluate it")
+    args.arch = saved
+
+
+def bn_momentum_for(args, total_steps: int, state: dict | None, log) -> float:
+    """The BatchNorm momentum this run trains with: --bn-momentum's number, else (auto) the one a
+    resumed run was trained with, so that it continues exactly as it began (a checkpoint from before
+    auto ran with the model's own), else auto_bn_momentum of the run's total steps."""
+    if args.bn_momentum != "auto":
+        return args.bn_momentum
+    if state is not None:
+        saved = (state.get("config") or {}).get("bn_momentum")
+        momentum, why = (BN_MOMENTUM if saved in (None, "auto") else saved), "the resumed run's"
+    else:
+        momentum, why = auto_bn_momentum(total_steps), f"for this run's {total_steps} steps"
+    if momentum != BN_MOMENTUM:
+        log(f"train.py: BatchNorm momentum {momentum:g} (--bn-momentum auto, {why}; the model's own "
+            f"{BN_MOMENTUM:g} is for long runs)")
+    return momentum
+
+
+def chance_note(history: list[dict], num_classes: int, bn_momentum: float, total_steps: int) -> str | None:
+    """One line when the last epoch evaluates near chance although the train loss fell clearly
+    since the first: the mark of running statistics that lag the weights."""
+    chance = 100.0 / num_classes
+    if len(history) < 2 or history[-1]["acc1"] > 1.5 * chance:
+        return None
+    first_loss, loss = history[0]["train_loss"], history[-1]["train_loss"]
+    if not loss <= 0.8 * first_loss:
+        return None
+    return (f"train.py: val accuracy {history[-1]['acc1']:.1f}% is near chance ({chance:.1f}% for {num_classes} "
+            f"classes) although the train loss fell from {first_loss:.3f} to {loss:.3f}: likely cause: BatchNorm "
+            f"running statistics not settled (momentum {bn_momentum:g} for this run's {total_steps} steps): raise "
+            f"--bn-momentum (e.g. 0.1)")
 
 
 def build_augment(args, num_classes: int):
@@ -143,6 +184,10 @@ def main(argv=None):
     val_res = args.val_res or [resolution.max_px]
     train_loader, val_loader = build_loaders(args, data, runtime, per_device, resolution.min_px, val_res[0])
     out_dir = Path(args.output_dir)  # written to only once the inputs are known to be good
+    if args.evaluate and args.resume == "auto":  # evaluation writes no checkpoint: any run's will do
+        args.resume = str(out_dir / ckpt.CHECKPOINT) if (out_dir / ckpt.CHECKPOINT).exists() else None
+    if args.evaluate and args.resume:
+        take_network_from_checkpoint(args, argv)
     config, classes = to_dict(args), val_loader.classes
     device, precision = runtime.device, Precision.resolve(args.apex and args.apex_opt_level != "O0",
                                                           args.amp_dtype, runtime.device)
@@ -157,9 +202,12 @@ def main(argv=None):
     inputs = DeviceInput(build_augment(args, len(classes)), args.channels_last, runtime.rank)
 
     start_epoch, skip, best_acc1 = 0, 0, 0.0
-    if args.evaluate and args.resume == "auto":  # evaluation writes no checkpoint: any run's will do
-        args.resume = str(out_dir / ckpt.CHECKPOINT) if (out_dir / ckpt.CHECKPOINT).exists() else None
     resume, state = ckpt.resolve_resume(args.resume, out_dir, config, classes, overwrite=args.overwrite)
+    if not args.evaluate:  # only training moves the running statistics
+        steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
+        total_steps = args.epochs * steps_per_epoch
+        config["bn_momentum"] = bn_momentum_for(args, total_steps, state, log)
+        set_bn_momentum(model, config["bn_momentum"])
     out_dir.mkdir(parents=True, exist_ok=True)
     if runtime.is_main:
         write_json_atomic(config, out_dir / "config.json")
@@ -201,7 +249,6 @@ def main(argv=None):
         log(f"train.py: {noted}")
     if state is not None and not args.evaluate:
         step.scaler.load_state_dict(state["scaler"])
-    steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
     if steps_per_epoch < 1:
         raise ConfigError(f"--batch_size {args.batch_size} is larger than the {train_loader.num_samples} "
                           f"training images per process: lower it")
@@ -230,7 +277,7 @@ def main(argv=None):
     metrics_path = out_dir / "metrics.jsonl"
     tensorboard = ScalarWriter(out_dir) if args.tensorboard and runtime.is_main else None
     timed_images, timed_s = 0, 0.0
-    result = {}
+    result, warned = {}, False
     for epoch in range(start_epoch, args.epochs):
         epoch_start_s = time.perf_counter()
         res_px = resolution.at(epoch)
@@ -285,7 +332,12 @@ def main(argv=None):
             f"data-wait {100 * stats['data_wait_frac']:.0f}%  {res_px} px  ({record['epoch_wall_s']:.0f}s)")
         if runtime.is_main:
             append_jsonl(record, metrics_path)
-            plot_history(read_jsonl(metrics_path), out_dir / "history.png")
+            history = read_jsonl(metrics_path)
+            plot_history(history, out_dir / "history.png")
+            note = None if warned else chance_note(history, len(classes), config["bn_momentum"], total_steps)
+            if note:
+                log(note)
+                warned = True
             if tensorboard:
                 tensorboard.epoch(record)
             state = save_checkpoint(epoch + 1, 0, acc1=val["acc1"], acc5=val["acc5"])

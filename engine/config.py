@@ -145,9 +145,12 @@ def get_args_parser() -> argparse.ArgumentParser:
              "0..30; timm's mstd x 3 (timm's mstd0.5 = 1.5); inf: uniform in 0..--ra-magnitude")
     add("--random-erase-mode", default="const", choices=["const", "pixel"],
         help="random erasing fill: const (the mean) or pixel (per-pixel normal noise, timm's recipe)")
-    add("--bn-momentum", type=float, default=None,
-        help="override BatchNorm momentum (model default 0.01, for long runs); short runs need ~0.1 "
-             "so the running statistics keep up with the weights before evaluation")
+    add("--bn-momentum", default="auto",  # checked in parse_config, a recipe's value too
+        help="BatchNorm momentum: how fast the running statistics that evaluation uses follow the batches. "
+             "auto: from the run's total steps (--epochs x steps per epoch, --max_steps honoured), so they "
+             "settle within the first 5%% of the run: 0.1 up to ~870 steps, the model's own 0.01 (TF's "
+             "decay 0.99, the reference's) from ~9,200; a resumed run keeps its checkpoint's. A number "
+             "in (0, 1] is used as given. config.json records the value used")
     # -- device-side augmentation ---------------------------------------------------------
     add("--auto-augment", default="none", choices=["imagenet", "randaugment", "trivialaugment", "none"],
         help="per-sample policy applied on the device to the uint8 batch")
@@ -168,6 +171,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--warmup-steps-timing", type=int, default=5,
         help="steps at the start of each epoch left out of the img/s figure")
     return p
+
+
+def bn_momentum(value) -> float | str:
+    """'auto' or a momentum in (0, 1] (a recipe gives a YAML number, the command line text)."""
+    if value == "auto":
+        return value
+    try:
+        momentum = float(value)
+    except (TypeError, ValueError):
+        momentum = float("nan")
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"--bn-momentum {value}: give auto or a number in (0, 1], e.g. 0.1")
+    return momentum
 
 
 def _int_list(text) -> list[int]:
@@ -207,6 +223,7 @@ def parse_config(argv=None) -> argparse.Namespace:
         raise ConfigError(f"--compile-mode {args.compile_mode}: it sets the mode of --compile: add --compile")
     if args.val_res is not None:  # a recipe gives a YAML number or list, not the flag's text
         args.val_res = _int_list(args.val_res)
+    args.bn_momentum = bn_momentum(args.bn_momentum)
     return args
 
 
