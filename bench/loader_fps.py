@@ -55,10 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "does) or the ImageFolder; its bare row reads the same bytes")
     p.add_argument("--device", default="cpu", help="where our loaders deliver batches (cpu, cuda, cuda:1)")
     p.add_argument("--device-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="also a 'torchvision device-decode' row: its workers read JPEG bytes, the batch is decoded "
+                   help="also a 'torchvision device-decode' row: its threads read JPEG bytes, the batch is decoded "
                         "on --device (nvJPEG on CUDA); default: on when --device is not the CPU")
     p.add_argument("--device-decode-workers", type=int, default=3,
-                   help="that row's reading workers (with the thread that hands batches to the device: its host cores)")
+                   help="that row's reader threads (with the thread that hands batches to the device: its host cores)")
     p.add_argument("--seed", type=int, default=0, help="shuffling and augmentation seed")
     add_output_flags(p, "loader_fps")
     return p
@@ -195,8 +195,8 @@ def build_ours(args, library: str, decode: str = "cpu"):
 
 
 def build_host_part(args):
-    """What the device-decode row's host does alone: its workers read each JPEG's bytes, parse its
-    header and draw its crop, and the batches of bytes reach the main process; nothing is decoded.
+    """What the device-decode row's host does alone: its threads read each JPEG's bytes, parse its
+    header and draw its crop, and the batches of bytes reach the consumer; nothing is decoded.
     Its img/s per core is the host's share of decoding on the device."""
     loader = our_loader(args, "torchvision", decode="device")
 
