@@ -46,11 +46,9 @@ class _RandomResizedCropFlip:
     def __init__(self, size: int):
         self.size = size  # px when the call names none
 
-    def __call__(self, image: torch.Tensor, size: int | None = None, box=None) -> torch.Tensor:
-        """box: (top, left, h, w, flip); None: drawn from the global numpy generator (a preview)."""
+    def __call__(self, image: torch.Tensor, size: int | None, box) -> torch.Tensor:
+        """box: (top, left, h, w, flip), from crops.crop_flip_boxes."""
         size = size or self.size
-        if box is None:
-            box = crop_flip_boxes(np.random.randint(2 ** 62), 0, [0], *([n] for n in image.shape[-2:]))[0]
         top, left, h, w, flip = (int(v) for v in box)
         crop = image[:, top:top + h, left:left + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
         out = v2.functional.resize(crop, [size, size], antialias=True)
@@ -70,8 +68,9 @@ class _ResizeCenterCrop:
 
 
 def transforms_for(spec: LoaderSpec):
-    """`transform(image, size=spec.image_size, box=None)`: uint8 C x H x W in (the decoder's H x W x C
-    memory), uint8 C x size x size out; box: train's (top, left, h, w, flip) from crops.py."""
+    """`transform(image, size=spec.image_size, box)`: uint8 C x H x W in (the decoder's H x W x C
+    memory), uint8 C x size x size out; box: train's (top, left, h, w, flip) from crops.py, which
+    val's ignores (`transform(image)` there)."""
     if spec.train:
         return _RandomResizedCropFlip(spec.image_size)
     return _ResizeCenterCrop(spec.image_size, spec.val_crop_ratio)
