@@ -96,27 +96,28 @@ class _Images(Dataset):
 
     def __getitems__(self, keys):
         indices = np.fromiter((k[0] for k in keys), dtype=np.int64, count=len(keys))
-        epoch, size = keys[0][1], keys[0][2]  # one epoch and size per batch (the sampler's)
+        epochs = np.fromiter((k[1] for k in keys), dtype=np.int64, count=len(keys))  # each key's own
+        size = keys[0][2]  # one output size per batch (the sampler's, fixed for an epoch)
         blob, sizes, labels, good = self.read_batch(indices)
         damaged = indices[~good].tolist()
         ends = np.cumsum(sizes).tolist()
         spans = [(end - n, end) for end, n, ok in zip(ends, sizes.tolist(), good.tolist()) if ok]
-        indices, labels = indices[good], labels[good]
+        indices, epochs, labels = indices[good], epochs[good], labels[good]
         if self.decode_on_device:
-            return self._bytes_batch(blob, spans, indices, epoch, size), torch.from_numpy(labels), damaged
+            return self._bytes_batch(blob, spans, indices, epochs, size), torch.from_numpy(labels), damaged
         images = [self._decode(blob[a:b], index) for (a, b), index in zip(spans, indices.tolist())]
-        return self._crop_batch(images, indices, epoch, size), torch.from_numpy(labels), damaged
+        return self._crop_batch(images, indices, epochs, size), torch.from_numpy(labels), damaged
 
-    def _boxes(self, indices: np.ndarray, epoch: int, heights, widths) -> np.ndarray:
+    def _boxes(self, indices: np.ndarray, epochs: np.ndarray, heights, widths) -> np.ndarray:
         if self.train:
-            return crop_flip_boxes(self.seed, epoch, indices, heights, widths)
+            return crop_flip_boxes(self.seed, epochs, indices, heights, widths)
         return np.stack([np.asarray(heights, np.int64), np.asarray(widths, np.int64)], 1).reshape(-1, 2)
 
-    def _crop_batch(self, images: list, indices: np.ndarray, epoch: int, size: int) -> torch.Tensor:
+    def _crop_batch(self, images: list, indices: np.ndarray, epochs: np.ndarray, size: int) -> torch.Tensor:
         """Crop each decoded image into one N x S x S x C buffer (in shared memory inside a worker):
         its N x C x S x S view is channels_last. Stacking then converting copied twice more and
         grew each worker's heap by ~1 GB at 224 px."""
-        boxes = self._boxes(indices, epoch, [i.shape[1] for i in images], [i.shape[2] for i in images])
+        boxes = self._boxes(indices, epochs, [i.shape[1] for i in images], [i.shape[2] for i in images])
         out = torch.empty((len(images), size, size, 3), dtype=torch.uint8)
         if get_worker_info() is not None:  # in a worker process: to the main one in shared memory
             out.share_memory_()
@@ -124,7 +125,7 @@ class _Images(Dataset):
             dst.copy_(self.transform(image, size, box).permute(1, 2, 0))
         return out.permute(0, 3, 1, 2)
 
-    def _bytes_batch(self, blob: torch.Tensor, spans: list, indices: np.ndarray, epoch: int, size: int):
+    def _bytes_batch(self, blob: torch.Tensor, spans: list, indices: np.ndarray, epochs: np.ndarray, size: int):
         view = memoryview(blob.numpy())
         heights, widths, on_device, host_images = [], [], [], []
         for (a, b), index in zip(spans, indices.tolist()):
@@ -141,7 +142,7 @@ class _Images(Dataset):
         if int(sizes.sum()) != blob.numel():  # damaged or host-decoded samples inside: keep the rest
             kept = [blob[a:b] for (a, b), ok in zip(spans, on_device) if ok]
             blob = torch.cat(kept) if kept else blob[:0]
-        params = torch.from_numpy(self._boxes(indices, epoch, heights, widths))
+        params = torch.from_numpy(self._boxes(indices, epochs, heights, widths))
         return blob, sizes, host_images, params, torch.from_numpy(indices), size
 
     def _decode(self, data: torch.Tensor, index: int) -> torch.Tensor:
