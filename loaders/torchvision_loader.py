@@ -212,7 +212,7 @@ class _ShardImages(_Images):
         view, at = memoryview(blob.numpy()), 0
         labels, good = np.empty(len(rows), dtype=np.int64), np.ones(len(rows), dtype=bool)
         for k, (tar, jpg_at, jpg_size, cls_at, cls_size) in enumerate(rows.tolist()):
-            fd = self.fds.get(tar) or self.fds.setdefault(tar, os.open(self.tars[tar], os.O_RDONLY))
+            fd = self._fd(tar)
             jpg = view[at:at + jpg_size]
             _read_into(fd, jpg, jpg_at)
             cls = os.pread(fd, cls_size, cls_at)
@@ -222,6 +222,19 @@ class _ShardImages(_Images):
                 continue
             labels[k] = int(cls)
         return blob, sizes, labels, good
+
+    def _fd(self, tar: int) -> int:
+        fd = self.fds.get(tar)
+        if fd is None:
+            mine = os.open(self.tars[tar], os.O_RDONLY)
+            fd = self.fds.setdefault(tar, mine)
+            if fd != mine:  # another reader thread opened it first
+                os.close(mine)
+        return fd
+
+    def __del__(self):
+        for fd in self.fds.values():
+            os.close(fd)
 
     def name(self, index) -> str:
         if self.names is None:  # read from the index files only when a sample needs naming
