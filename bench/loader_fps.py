@@ -55,10 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "does) or the ImageFolder; its bare row reads the same bytes")
     p.add_argument("--device", default="cpu", help="where our loaders deliver batches (cpu, cuda, cuda:1)")
     p.add_argument("--device-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="also a 'torchvision device-decode' row: its workers read JPEG bytes, the batch is decoded "
+                   help="also a 'torchvision device-decode' row: its threads read JPEG bytes, the batch is decoded "
                         "on --device (nvJPEG on CUDA); default: on when --device is not the CPU")
     p.add_argument("--device-decode-workers", type=int, default=3,
-                   help="that row's reading workers (with the thread that hands batches to the device: its host cores)")
+                   help="that row's reader threads (with the thread that hands batches to the device: its host cores)")
     p.add_argument("--seed", type=int, default=0, help="shuffling and augmentation seed")
     add_output_flags(p, "loader_fps")
     return p
@@ -195,8 +195,8 @@ def build_ours(args, library: str, decode: str = "cpu"):
 
 
 def build_host_part(args):
-    """What the device-decode row's host does alone: its workers read each JPEG's bytes, parse its
-    header and draw its crop, and the batches of bytes reach the main process; nothing is decoded.
+    """What the device-decode row's host does alone: its threads read each JPEG's bytes, parse its
+    header and draw its crop, and the batches of bytes reach the consumer; nothing is decoded.
     Its img/s per core is the host's share of decoding on the device."""
     loader = our_loader(args, "torchvision", decode="device")
 
@@ -396,11 +396,6 @@ def blobs(source: str, args) -> list:
     return [(np.fromfile(p, np.uint8), None) for p in split_index(args.data, args.split).paths]
 
 
-def _decoder_setup():
-    import torch
-    torch.set_num_threads(1)  # the parallelism is the processes
-
-
 def _decode_range(bounds) -> int:
     import torch
     from torchvision.io import ImageReadMode, decode_image
@@ -414,10 +409,11 @@ def _decode_range(bounds) -> int:
 
 def build_limit(args, source: str):
     """Decode only, libjpeg-turbo (torchvision.io) in a process pool over all cores."""
+    import torch
     global _BLOBS
     _BLOBS = blobs(source, args)
     workers = cores()
-    pool = mp.get_context("fork").Pool(workers, initializer=_decoder_setup)
+    pool = mp.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,))  # parallel: processes
     n = len(_BLOBS)
     step = max(1, -(-n // (8 * workers)))  # 8 chunks per process: balanced, few round trips
     chunks = [(i, min(n, i + step)) for i in range(0, n, step)]
@@ -429,21 +425,25 @@ def build_limit(args, source: str):
 COLUMNS = [("pipeline", "name", ""), ("img/s", "imgs_per_s", ".0f"), ("min", "imgs_per_s_min", ".0f"),
            ("max", "imgs_per_s_max", ".0f"), ("x stock", "x_stock", ".2f"), ("of bare", "of_bare", ".2f"),
            ("of limit", "of_limit", ".2f"), ("cores", "cores_used", ".2f"), ("img/s/core", "imgs_per_core_s", ".0f"),
-           ("CPU %", "cpu_util_pct", ".0f"), ("RSS MB", "peak_rss_mb", ".0f"), ("PSS MB", "peak_pss_mb", ".0f"),
-           ("1st batch cold s", "first_batch_s_cold", ".2f"), ("warm s", "first_batch_s_warm", ".3f")]
+           ("/core x limit", "per_core_x_limit", ".1f"), ("CPU %", "cpu_util_pct", ".0f"), ("RSS MB", "peak_rss_mb", ".0f"),
+           ("PSS MB", "peak_pss_mb", ".0f"), ("1st batch cold s", "first_batch_s_cold", ".2f"),
+           ("warm s", "first_batch_s_warm", ".3f")]
 
 
 def summarize(rows: list[Pipeline], results: dict, args) -> list[dict]:
     out = []
     for row in rows:
-        result = results[row.name]
+        result, own = results[row.name], stats(results[row.name])
         limit = result if row.kind == "limit" else results[f"decode limit: {limit_source(row.library, args)}"]
         bare = paired(result, results[f"{row.library} bare"]) if row.kind == "ours" else {}
         out.append({"name": row.name, "library": row.library, "kind": row.kind,
                     "images_per_epoch": sum(r["images"] for r in result["runs"]) // len(result["runs"]),
-                    **stats(result), "x_stock": paired(result, results["stock"])["median"],
+                    **own, "x_stock": paired(result, results["stock"])["median"],
                     "of_bare": bare.get("median"), "of_bare_min": bare.get("min"), "of_bare_max": bare.get("max"),
-                    "of_limit": paired(result, limit)["median"] if row.kind in ("ours", "stock", "bare") else None})
+                    "of_limit": paired(result, limit)["median"] if row.kind in ("ours", "stock", "bare") else None,
+                    # the host part's img/s per core over decoding's, same run: images handed over per one decoded
+                    "per_core_x_limit": (own["imgs_per_core_s"] / stats(limit)["imgs_per_core_s"]
+                                         if row.kind == "host part" else None)})
     return out
 
 

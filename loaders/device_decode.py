@@ -22,6 +22,7 @@ libjpeg-turbo when the CPU is the device) and crops, resizes and flips it there 
 """
 import queue
 import re
+import struct
 import threading
 
 import torch
@@ -43,27 +44,36 @@ SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded
 SOF_OTHER = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # progressive, lossless, ...
 STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RSTn, SOI
 
+SOF_ALL = {*SOF_SEQUENTIAL, *SOF_OTHER}
+_SOI, _SEGMENT, _FRAME = struct.Struct(">H"), struct.Struct(">BBH"), struct.Struct(">HHB")  # big-endian fields
 
-def jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
-    """(height, width, device_ok) from a JPEG's frame header, or None when `data` is no JPEG.
-    device_ok: baseline or extended sequential with 3 components (YCbCr), what nvJPEG's batched
-    decoder takes; progressive, CMYK and grayscale JPEGs are not."""
-    if data[:2] != b"\xff\xd8":
+
+def jpeg_header(data) -> tuple[int, int, bool] | None:
+    """(height, width, device_ok) from a JPEG's frame header, or None when `data` (bytes or a
+    memoryview) is no JPEG. device_ok: baseline or extended sequential with 3 components (YCbCr),
+    what nvJPEG's batched decoder takes; progressive, CMYK and grayscale JPEGs are not.
+
+    It walks the segments (a few before the frame), each read with one struct call: searching for
+    an SOF marker's bytes instead could land inside an APP segment (an EXIF thumbnail has its own)."""
+    n = len(data)
+    if n < 4 or _SOI.unpack_from(data)[0] != 0xFFD8:
         return None
-    i, n = 2, len(data)
+    i = 2
     while i + 4 <= n:
-        if data[i] != 0xFF:
+        ff, marker, length = _SEGMENT.unpack_from(data, i)
+        if ff != 0xFF:
             return None
-        marker = data[i + 1]
-        if marker == 0xFF or marker in STANDALONE:  # a fill byte, or a marker without a segment
-            i += 1 if marker == 0xFF else 2
-            continue
-        if marker in SOF_SEQUENTIAL or marker in SOF_OTHER:
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+        elif marker in STANDALONE:  # a marker without a segment
+            i += 2
+        elif marker in SOF_ALL:
             if i + 10 > n:
                 return None
-            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-            return height, width, marker in SOF_SEQUENTIAL and data[i + 9] == 3
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            height, width, components = _FRAME.unpack_from(data, i + 5)
+            return height, width, marker in SOF_SEQUENTIAL and components == 3
+        else:
+            i += 2 + length
     return None
 
 

@@ -48,6 +48,9 @@ def _encode(mode: str, fmt: str = "JPEG", size=(50, 40), **kw) -> bytes:
     ("RGB", "JPEG", {}, (40, 50, True)),
     ("RGB", "JPEG", {"subsampling": 0}, (40, 50, True)),  # 4:4:4 is still baseline
     ("RGB", "JPEG", {"exif": b"Exif\x00\x00" + bytes(30_000)}, (40, 50, True)),  # a large APP1 before the frame
+    # a thumbnail's frame header inside APP1 (another size, progressive): the walk skips the segment
+    ("RGB", "JPEG", {"exif": b"Exif\x00\x00\xff\xd8\xff\xc2\x00\x11\x08\x00\x10\x00\x20\x01" + bytes(100)},
+     (40, 50, True)),
     ("RGB", "JPEG", {"progressive": True}, (40, 50, False)),
     ("L", "JPEG", {}, (40, 50, False)),
     ("CMYK", "JPEG", {}, (40, 50, False)),
@@ -55,7 +58,7 @@ def _encode(mode: str, fmt: str = "JPEG", size=(50, 40), **kw) -> bytes:
 ])
 def test_the_header_gives_the_size_and_whether_nvjpeg_takes_it(mode, fmt, kw, expected):
     data = _encode(mode, fmt, **kw)
-    assert jpeg_header(data) == expected
+    assert jpeg_header(data) == expected and jpeg_header(memoryview(bytearray(data))) == expected  # read in place
     assert tuple(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8)).shape) == (3, 40, 50)
 
 

@@ -367,20 +367,22 @@ def test_an_unknown_loader_names_the_choices():
         build_loader("pil", split="val", data=".", batch_size=1)
 
 
-def test_torchvision_train_crop_equals_v2_and_keeps_the_decoders_memory_layout(dataset):
+def test_torchvision_train_crop_is_v2s_resized_crop_of_its_box_and_keeps_the_decoders_memory_layout(dataset):
     """Our crop + flip keeps H x W x C memory (so the collate is a plain copy) and must still be
-    exactly torchvision v2's RandomResizedCrop + RandomHorizontalFlip, draw for draw."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    exactly torchvision v2's resized crop (and flip) of the box loaders/crops.py drew
+    (tests/test_crops.py: the boxes follow v2.RandomResizedCrop's distribution)."""
     from torchvision.transforms import v2
+    from loaders.crops import crop_flip_boxes
+    from loaders.device_decode import decode_image
     from loaders.torchvision_loader import _RandomResizedCropFlip
     ours = _RandomResizedCropFlip(SIZE_PX)
-    reference = v2.Compose([v2.RandomResizedCrop(SIZE_PX, scale=RRC_SCALE, ratio=RRC_RATIO, antialias=True),
-                            v2.RandomHorizontalFlip(0.5)])
-    for seed, path in enumerate(sorted((dataset / "train").rglob("*.JPEG"))):
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        torch.manual_seed(seed)
-        expected = reference(image)
-        torch.manual_seed(seed)
-        got = ours(image)
+    paths = sorted((dataset / "train").rglob("*.JPEG"))
+    images = [decode_image(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)) for path in paths]
+    boxes = crop_flip_boxes(0, 0, np.arange(len(images)), [i.shape[1] for i in images], [i.shape[2] for i in images])
+    assert 0 < boxes[:, 4].sum() < len(boxes)  # both flipped and unflipped crops
+    for image, (top, left, h, w, flip), path in zip(images, boxes.tolist(), paths):
+        expected = v2.functional.resized_crop(image, top, left, h, w, [SIZE_PX, SIZE_PX], antialias=True)
+        expected = v2.functional.horizontal_flip(expected) if flip else expected
+        got = ours(image, SIZE_PX, (top, left, h, w, flip))
         assert torch.equal(got, expected), path
         assert got.permute(1, 2, 0).is_contiguous()
