@@ -84,10 +84,19 @@ def setup(requested: str = "auto", device_id: int | None = None, deterministic: 
         if cuda_graphs and kind == "cuda":
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
         timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
-        dist.init_process_group(BACKENDS[kind], device_id=device if kind != "cpu" else None, timeout=timeout)
+        dist.init_process_group(BACKENDS[kind], device_id=device if kind != "cpu" else None, timeout=timeout,
+                                store=_attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size)
         # NCCL's collectives are the device's: a host flag goes through gloo beside it
         cpu_group = None if kind == "cpu" else dist.new_group(backend="gloo", timeout=timeout)
     return Runtime(device, rank, world_size, local_rank, cpu_group)
+
+
+def _attempt_store(rank: int, world_size: int, timeout) -> dist.Store:
+    """torchrun's store, its keys prefixed by the restart: after `--max-restarts` restarts the
+    group, the ranks of the new attempt would otherwise read the gloo addresses the dead one
+    published under the same keys and fail with 'Connection refused' (pytorch issue 167288)."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout or datetime.timedelta(minutes=30)))
+    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def wrap_ddp(model: torch.nn.Module, runtime: Runtime, graph_stream=None) -> torch.nn.Module:

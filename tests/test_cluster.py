@@ -134,6 +134,7 @@ def test_a_stalled_rank_is_caught_named_and_the_group_restarts_from_the_checkpoi
     stalled = ranks(proc)[1]
     stalled.send_signal(signal.SIGSTOP)  # as a hung file system or a wedged worker leaves it
     output = head + proc.communicate(timeout=400)[0]
+    print(output)  # pytest shows it when an assertion fails
     assert proc.returncode == 0, output[-3000:]
     assert re.search(r"rank 0: no step completed for \d+ s after epoch 1 step \d+ \(--dist-timeout\)", output), \
         output[-3000:]
