@@ -92,11 +92,15 @@ def setup(requested: str = "auto", device_id: int | None = None, deterministic: 
 
 
 def _attempt_store(rank: int, world_size: int, timeout) -> dist.Store:
-    """torchrun's store, its keys prefixed by the restart: after `--max-restarts` restarts the
-    group, the ranks of the new attempt would otherwise read the gloo addresses the dead one
-    published under the same keys and fail with 'Connection refused' (pytorch issue 167288)."""
+    """torchrun's store, its keys prefixed by the attempt. torchrun's agents share one store across
+    rendezvous rounds: after `--max-restarts` restarts the group, the new ranks would read the
+    gloo addresses the dead attempt published under the same keys and fail ('Connection
+    refused'). The agents' restart counts differ between nodes (a node whose worker did not fail
+    restarts without counting), so the attempt is counted in the store itself: each rank adds 1
+    as it starts, and every rank of one attempt gets a count in the same block of world_size."""
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout or datetime.timedelta(minutes=30)))
-    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    attempt = (store.add("train.py/ranks_started", 1) - 1) // world_size
+    return dist.PrefixStore(f"attempt{attempt}/", store)
 
 
 def wrap_ddp(model: torch.nn.Module, runtime: Runtime, graph_stream=None) -> torch.nn.Module:

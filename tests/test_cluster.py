@@ -190,3 +190,28 @@ def _shard_labels(shards) -> list[int]:
             f.seek(cls_at)
             out.append(int(f.read(cls_size)))
     return out
+
+
+def test_two_nodes_resume_and_finish_after_one_nodes_worker_is_killed(data, unbroken, tmp_path):
+    """Two torchrun agents on localhost (c10d rendezvous, 1 process each), as two nodes would
+    run; one node's worker is killed mid-epoch: both agents restart their workers, which resume
+    from the last checkpoint and finish with the unbroken run's weights."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--data", str(data), *ARGS[:-2], "--checkpoint-every", "1"]
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=cluster-test", "--max-restarts=1",
+         str(REPO / "train.py"), *TINY, "--output-dir", str(tmp_path), *args],
+        cwd=REPO, stdout=subprocess.PIPE if n == 0 else open(tmp_path / "node1.log", "w"), stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for n in (0, 1)]
+    head = read_until(agents[0], r"epoch 1 step 6/12")
+    ranks(agents[1])[0].send_signal(signal.SIGKILL)  # node 1's only worker
+    outputs = [head + agents[0].communicate(timeout=400)[0]]
+    agents[1].wait(timeout=60)
+    outputs.append((tmp_path / "node1.log").read_text())
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "resumed from" in outputs[0] and checkpoint(tmp_path)["epoch"] == 2
+    assert_same_weights(unbroken / "checkpoint.pth", tmp_path / "checkpoint.pth")
