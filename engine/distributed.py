@@ -97,10 +97,11 @@ def _attempt_store(rank: int, world_size: int, timeout) -> dist.Store:
     gloo addresses the dead attempt published under the same keys and fail ('Connection
     refused'). The agents' restart counts differ between nodes (a node whose worker did not fail
     restarts without counting), so the attempt is counted in the store itself: each rank adds 1
-    as it starts, and every rank of one attempt gets a count in the same block of world_size."""
+    as it starts, and every rank of one attempt gets a count in the same block of world_size
+    (one counter per world size: an elastic group that changes size starts a new one)."""
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout or datetime.timedelta(minutes=30)))
-    attempt = (store.add("train.py/ranks_started", 1) - 1) // world_size
-    return dist.PrefixStore(f"attempt{attempt}/", store)
+    attempt = (store.add(f"train.py/ranks_started/world{world_size}", 1) - 1) // world_size
+    return dist.PrefixStore(f"world{world_size}/attempt{attempt}/", store)
 
 
 def wrap_ddp(model: torch.nn.Module, runtime: Runtime, graph_stream=None) -> torch.nn.Module:
