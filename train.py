@@ -7,7 +7,7 @@
 Writes to --output-dir: checkpoint.pth (every epoch, atomic), model_best.pth, metrics.jsonl (one
 line per epoch), summary.json, history.png and config.json; ends with `Acc@1 X  Acc@5 Y  FPS Z`.
 """
-import signal
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from engine.metrics import (append_jsonl, hardware, keep_jsonl, per_class_report
 from engine.optim import build_optimizer, current_lr, portable_state_dict
 from engine.precision import Precision
 from engine.step import DeviceInput, TrainStep, capture_stream
+from engine.stop import EXIT_INTERRUPTED, StepWatchdog, StopRequest
 from engine.tensorboard import ScalarWriter
 from loaders import build_loader, loader_options
 from model import create_model, load_pretrained
@@ -154,24 +155,10 @@ def build_augment(args, num_classes: int):
                          cutmix_alpha=args.cutmix_alpha, label_smoothing=args.label_smoothing, seed=args.seed)
 
 
-class StopFlag:
-    """SIGTERM (preemption, torchrun shutting down) asks for a checkpoint at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __call__(self) -> bool:
-        return self.requested
-
-
 def main(argv=None):
     args = parse_config(argv)
     runtime = distributed.setup(args.device, args.device_id, deterministic=args.deterministic,
-                                cuda_graphs=args.cuda_graphs)
+                                cuda_graphs=args.cuda_graphs, timeout_min=args.dist_timeout)
     log = (lambda msg: print(msg, flush=True)) if runtime.is_main else (lambda msg: None)
     if args.batch_size % runtime.world_size:
         raise ConfigError(f"--batch_size {args.batch_size} is the global batch and must divide by the "
@@ -221,10 +208,12 @@ def main(argv=None):
             optimizer.load_state_dict(state["optimizer"])
             if ema is not None and state.get("ema"):
                 ema.load_state_dict(state["ema"])
-            start_epoch, skip = state["epoch"], state["next_batch"]
+            start_epoch, skip = state["epoch"], ckpt.check_position(state, resume, args.batch_size)
             best_acc1 = state.get("best_acc1", 0.0)
             ckpt.set_rng_state(state["rng"])
-        log(f"resumed from {resume}: epoch {start_epoch + 1}, batch {skip}")
+        log(f"resumed from {resume}: epoch {start_epoch + 1}, batch {skip}"
+            + (f" (sample {skip * args.batch_size} of the epoch; saved on {state.get('world_size', '?')} "
+               f"process(es), continued on {runtime.world_size})" if skip else ""))
 
     if args.evaluate:
         if not (resume or args.pretrained):
@@ -268,12 +257,15 @@ def main(argv=None):
         state = dict(model=eval_model.state_dict(), optimizer=portable_state_dict(optimizer),
                      scaler=step.scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
                      config=config, classes=classes, bn_eps=get_bn_eps(eval_model), best_acc1=best_acc1,
-                     epoch=epochs_done, next_batch=next_batch, rng=ckpt.rng_state(), **extra)
+                     epoch=epochs_done, next_batch=next_batch, rng=ckpt.rng_state(),
+                     **ckpt.position(epochs_done, next_batch, steps_per_epoch, args.batch_size, runtime.world_size),
+                     **extra)
         if runtime.is_main:
             ckpt.save_atomic(state, out_dir / ckpt.CHECKPOINT)
         return state
 
-    stop, interval = StopFlag(), ckpt.Interval(args.checkpoint_every)
+    stop, interval = StopRequest(runtime.cpu_group), ckpt.Interval(args.checkpoint_every)
+    watchdog = StepWatchdog(60 * args.dist_timeout if runtime.distributed else None, runtime.rank)
     metrics_path = out_dir / "metrics.jsonl"
     tensorboard = ScalarWriter(out_dir) if args.tensorboard and runtime.is_main else None
     timed_images, timed_s = 0, 0.0
@@ -282,16 +274,17 @@ def main(argv=None):
         epoch_start_s = time.perf_counter()
         res_px = resolution.at(epoch)
         train_loader.set_resolution(res_px)
-        train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch, skip)  # a mid-epoch resume starts the loader there: nothing skipped is read
         plan = EpochPlan(epoch=epoch + 1, first_step=epoch * steps_per_epoch, steps=steps_per_epoch,
                          lr_at=lambda s: schedule.lr_at(s, args.learning_rate, steps_per_epoch), skip=skip,
                          timing_warmup_steps=min(args.warmup_steps_timing, max(0, steps_per_epoch - skip - 1)),
-                         print_freq=args.print_freq, log=log, stop_requested=stop,
+                         print_freq=args.print_freq, log=log, stop_requested=stop, watchdog=watchdog,
                          on_window=tensorboard.window if tensorboard else None,
                          after_step=lambda n: interval.due() and n < steps_per_epoch and save_checkpoint(epoch, n))
         try:
             stats = train_one_epoch(step, inputs, train_loader, plan, runtime)
         except LoaderFailed as e:
+            watchdog.pause()
             if not runtime.is_main:
                 raise LoaderError(f"--loader {args.loader} on rank {runtime.rank}: {e}") from None
             save_checkpoint(epoch, e.next_batch)
@@ -304,12 +297,8 @@ def main(argv=None):
             log(f"train.py: {noted}")
         if stats["first_batch_s"] is not None and epoch == start_epoch:
             log(f"first batch after {stats['first_batch_s']:.1f}s (loader start-up / JIT; not in img/s)")
-        if stats["interrupted"]:
-            save_checkpoint(epoch, stats["next_batch"])
-            log(f"SIGTERM: saved {out_dir / ckpt.CHECKPOINT} at epoch {epoch + 1} batch {stats['next_batch']}; "
-                f"run the same command again to continue")
-            distributed.cleanup()
-            return None
+        if stats["interrupted"] and stats["next_batch"] < steps_per_epoch:  # else: the epoch ends first
+            return stopped(stop, save_checkpoint, epoch, stats["next_batch"], out_dir, log)
         if not all(torch.isfinite(p).all() for p in eval_model.parameters()):
             raise TrainingDiverged("train.py: the weights are no longer finite: stopping; the last good "
                                    "checkpoint is untouched")
@@ -345,6 +334,8 @@ def main(argv=None):
                 ckpt.save_atomic(state, out_dir / ckpt.BEST)
         interval.restart()
         result = {"acc1": val["acc1"], "acc5": val["acc5"]}
+        if stats["interrupted"] and epoch + 1 < args.epochs:
+            return stopped(stop, None, epoch + 1, 0, out_dir, log)
 
     fps = timed_images / timed_s if timed_s > 0 else float("nan")
     if runtime.is_main and result:
@@ -360,5 +351,17 @@ def main(argv=None):
     return {**result, "imgs_per_s": fps}
 
 
+def stopped(stop: StopRequest, save_checkpoint, epochs_done: int, next_batch: int, out_dir: Path, log):
+    """Every rank at the same step boundary: one checkpoint there (save_checkpoint None: the epoch
+    end's is written), one line; main returns None, the command exits EXIT_INTERRUPTED."""
+    if save_checkpoint is not None:
+        save_checkpoint(epochs_done, next_batch)
+    distributed.barrier()  # no rank leaves (torchrun would take it for a failure) before it is written
+    log(f"{stop.signal_name}: saved {out_dir / ckpt.CHECKPOINT} at epoch {epochs_done + 1} batch {next_batch}; "
+        f"run the same command again to continue (exit status {EXIT_INTERRUPTED}: interrupted, resumable)")
+    distributed.cleanup()
+    return None
+
+
 if __name__ == "__main__":
-    run_command(main)
+    sys.exit(EXIT_INTERRUPTED if run_command(main) is None else 0)

@@ -87,6 +87,27 @@ def resolve_resume(resume: str | None, output_dir: Path, config: dict, classes: 
     return path, state
 
 
+def position(epochs_done: int, next_batch: int, steps_per_epoch: int, global_batch: int, world_size: int) -> dict:
+    """Where a checkpoint stands, in terms that do not depend on the world size: the global step
+    and the samples of the epoch trained (the epoch's order is cut into global batches,
+    loaders/common.epoch_indices), with the global batch that cut it; world_size for the log."""
+    return dict(global_step=epochs_done * steps_per_epoch + next_batch, samples_seen=next_batch * global_batch,
+                global_batch=global_batch, world_size=world_size)
+
+
+def check_position(state: dict, path, global_batch: int) -> int:
+    """The global step in its epoch that a resume starts at. Mid-epoch, the step means the same
+    images only with the same global batch: another one is refused."""
+    next_batch = state["next_batch"]
+    saved = state.get("global_batch") or (state.get("config") or {}).get("batch_size")
+    if next_batch and saved != global_batch:
+        raise CheckpointError(f"--resume {path}: it stopped mid-epoch ({state.get('samples_seen', '?')} samples "
+                              f"into epoch {state['epoch'] + 1}) at global batch {saved}, and --batch_size is "
+                              f"{global_batch} here: resume with --batch_size {saved} (any number of processes), "
+                              f"or from a checkpoint at an epoch's end")
+    return next_batch
+
+
 class Interval:
     """When to save a mid-epoch checkpoint: every N steps ('500') or every N minutes ('10min')."""
 

@@ -73,6 +73,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="start afresh in an OUTPUT_DIR that holds another run's checkpoint, replacing it")
     add("--checkpoint-every", default="10min",
         help="also save checkpoint.pth mid-epoch: every N steps ('500') or minutes ('10min'); 0: epoch ends only")
+    add("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+        help="under torchrun: the process group's collective timeout, and the step watchdog's: a rank on which "
+             "no step has completed for this long writes every thread's stack to stderr, names its rank and step, "
+             "and exits 124, so torchrun --max-restarts restarts the group from the last checkpoint")
     add("--verify-data", action="store_true",
         help="check every converted file against its converter's checksums before training "
              "(sizes are always checked)")

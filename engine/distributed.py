@@ -3,6 +3,7 @@
 The same command runs on one CPU, one GPU/NPU, or N of them under torchrun.
 """
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    cpu_group: object = None  # a gloo group for host-side flags (engine/stop.py); the default group on CPU
 
     @property
     def is_main(self) -> bool:
@@ -53,13 +55,14 @@ def resolve_kind(requested: str) -> str:
 
 
 def setup(requested: str = "auto", device_id: int | None = None, deterministic: bool = False,
-          cuda_graphs: bool = False) -> Runtime:
+          cuda_graphs: bool = False, timeout_min: float | None = None) -> Runtime:
     """The device (always with an index on an accelerator) and, under torchrun, the process group.
 
     deterministic: deterministic algorithms (bitwise repeatable on the CPU); otherwise cudnn picks
     the fastest convolution algorithms for the shapes it sees. cuda_graphs: the step will be
     captured, DDP's all-reduces with it, which PyTorch's CUDA graphs notes say needs NCCL's async
-    error handling off before the process group starts."""
+    error handling off before the process group starts. timeout_min: the collectives' timeout
+    (--dist-timeout; None: the backend's default, 30 min for gloo, 10 for NCCL)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -76,11 +79,29 @@ def setup(requested: str = "auto", device_id: int | None = None, deterministic: 
         torch.backends.cudnn.benchmark = False
     elif kind == "cuda":
         torch.backends.cudnn.benchmark = True
+    cpu_group = None
     if world_size > 1 and not dist.is_initialized():
         if cuda_graphs and kind == "cuda":
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
-        dist.init_process_group(BACKENDS[kind], device_id=device if kind != "cpu" else None)
-    return Runtime(device, rank, world_size, local_rank)
+        timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
+        dist.init_process_group(BACKENDS[kind], device_id=device if kind != "cpu" else None, timeout=timeout,
+                                store=_attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size)
+        # NCCL's collectives are the device's: a host flag goes through gloo beside it
+        cpu_group = None if kind == "cpu" else dist.new_group(backend="gloo", timeout=timeout)
+    return Runtime(device, rank, world_size, local_rank, cpu_group)
+
+
+def _attempt_store(rank: int, world_size: int, timeout) -> dist.Store:
+    """torchrun's store, its keys prefixed by the attempt. torchrun's agents share one store across
+    rendezvous rounds: after `--max-restarts` restarts the group, the new ranks would read the
+    gloo addresses the dead attempt published under the same keys and fail ('Connection
+    refused'). The agents' restart counts differ between nodes (a node whose worker did not fail
+    restarts without counting), so the attempt is counted in the store itself: each rank adds 1
+    as it starts, and every rank of one attempt gets a count in the same block of world_size
+    (one counter per world size: an elastic group that changes size starts a new one)."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout or datetime.timedelta(minutes=30)))
+    attempt = (store.add(f"train.py/ranks_started/world{world_size}", 1) - 1) // world_size
+    return dist.PrefixStore(f"world{world_size}/attempt{attempt}/", store)
 
 
 def wrap_ddp(model: torch.nn.Module, runtime: Runtime, graph_stream=None) -> torch.nn.Module:
@@ -105,10 +126,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any (one host sync: call at log points only)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()

@@ -4,6 +4,9 @@ The hot loop keeps everything on the device: losses and counters accumulate as t
 are read (`.item()`, a host sync) only at log points. Time waiting for the loader is measured
 on the host around `next()` (engine/meter.py), so the log says whether the run is input-bound.
 """
+import hashlib
+import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import TrainingDiverged
-from engine.distributed import Runtime, all_reduce_sum, any_rank
+from engine.distributed import Runtime, all_reduce_sum
 from engine.faults import StepBoundaryLoader
 from engine.meter import StepMeter
 from engine.metrics import correct_topk
 from engine.optim import current_lr
 from engine.precision import Precision
 from engine.step import DeviceInput, TrainStep, sync
+from engine.stop import StepWatchdog
 
 
 @dataclass
@@ -28,11 +32,12 @@ class EpochPlan:
     first_step: int              # global step of this epoch's batch 0
     steps: int                   # batches to run this epoch (len(loader), or --max_steps)
     lr_at: Callable[[int], float]
-    skip: int = 0                # batches already done before an interruption (resume mid-epoch)
+    skip: int = 0                # global steps already done before an interruption: the loader starts after them
     timing_warmup_steps: int = 5
     print_freq: int = 10
     log: Callable[[str], None] = print
-    stop_requested: Callable[[], bool] = lambda: False
+    stop_requested: Callable[[], bool] = lambda: False  # after each step; the same answer on every rank
+    watchdog: StepWatchdog = field(default_factory=lambda: StepWatchdog(None))
     after_step: Callable[[int], None] = lambda next_batch: None  # e.g. a mid-epoch checkpoint
     on_window: Callable[[int, dict], None] | None = None  # (global step, the log window's scalars): TensorBoard
     progress: bool = field(default_factory=lambda: sys.stdout.isatty())
@@ -51,16 +56,16 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
         from tqdm import tqdm
         bar = tqdm(total=plan.steps, desc=f"epoch {plan.epoch}", leave=False, dynamic_ncols=True)
 
-    batches = StepBoundaryLoader(loader, plan.epoch)
-    for i in range(plan.steps):
+    batches = StepBoundaryLoader(loader, plan.epoch)  # set_epoch started it at plan.skip
+    record = BatchRecord(os.environ[RECORD_ENV], runtime) if os.environ.get(RECORD_ENV) else None
+    for i in range(plan.skip, plan.steps):
         t0 = time.perf_counter()
         batch = batches.next_batch(i)  # a failing loader raises LoaderFailed here, between steps
         if batch is None:
             break
         images, labels = batch
-        if i < plan.skip:  # resuming mid-epoch: the same order, so skip what was already trained on
-            meter.restart_window()
-            continue
+        if record is not None:
+            record(plan.epoch, i, images)
         meter.begin_step(i, time.perf_counter() - t0)
         global_step = plan.first_step + i
         loss = step(*inputs(images, labels, global_step), lr=plan.lr_at(global_step))
@@ -78,13 +83,12 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
                 raise TrainingDiverged(non_finite_message(plan.epoch, i, nonfinite_now))
             window_nonfinite_start = nonfinite_now
             log_window(plan, i, loss, step, meter.take_window(), bar, skipped_before)
-            if runtime.distributed and any_rank(plan.stop_requested(), device):
-                interrupted = True
-                break
-        if not runtime.distributed and plan.stop_requested():
+        if plan.stop_requested():
             interrupted = True
             break
         plan.after_step(i + 1)
+        plan.watchdog.fed(plan.epoch, i + 1)
+    plan.watchdog.pause()  # what follows the epoch (evaluation, checkpoint) may outlast a step by far
     batches.close(plan.skip + steps_done)
     if bar is not None:
         bar.close()
@@ -100,6 +104,26 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
         **timed,
         "first_batch_s": getattr(loader, "first_batch_s", None),
     }
+
+
+RECORD_ENV = "TRAIN_RECORD_BATCHES"
+
+
+class BatchRecord:
+    """Debugging what a run trained on: with TRAIN_RECORD_BATCHES=DIR, each rank appends one JSON
+    line per step to DIR/rank<R>.jsonl: epoch, step and a digest of each image's pixels (a host
+    sync per step: not for timing). A resumed run on any world size appends to the same files,
+    so the images of each epoch can be compared with an unbroken run's."""
+
+    def __init__(self, folder: str, runtime: Runtime):
+        self.path = os.path.join(folder, f"rank{runtime.rank}.jsonl")
+        self.world_size = runtime.world_size
+        os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, epoch: int, step: int, images: torch.Tensor):
+        digests = [hashlib.sha1(image.cpu().contiguous().numpy().tobytes()).hexdigest()[:16] for image in images]
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "step": step, "world_size": self.world_size, "images": digests}) + "\n")
 
 
 def log_window(plan: EpochPlan, i: int, loss: torch.Tensor, step: TrainStep, window: dict, bar,

@@ -1,5 +1,8 @@
 """What every loader shares: the builder's arguments, where the converted files are, rank
 splitting, the host-to-device copy, and the on-device normalisation."""
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,27 +79,55 @@ def use_shards(spec: LoaderSpec) -> Shards | None:
     return find_shards(folder, spec.split, spec.data, required=spec.options.source == "shards")
 
 
-def epoch_indices(num_samples: int, spec: LoaderSpec, epoch: int) -> np.ndarray:
-    """The sample indices this rank reads in `epoch`.
+def epoch_indices(num_samples: int, spec: LoaderSpec, epoch: int, start_step: int = 0) -> np.ndarray:
+    """The sample indices this rank reads in `epoch`, from global step `start_step` on.
 
-    Train: one permutation drawn from (seed, epoch), identical on every rank, cut into
-    world_size disjoint equal parts, each trimmed to whole batches. Val: rank::world_size in
-    order, so every image appears exactly once across ranks.
+    Train: one permutation drawn from (seed, epoch), the same whatever the world size, cut into
+    global batches of batch_size x world_size (the tail that fills none is dropped); rank r takes
+    the r-th contiguous batch_size of each. So the images of global step k are the same on 1 or
+    N devices with the same global batch, and a resume at step k on another world size goes on
+    with exactly the images the unbroken run would have seen. Val: rank::world_size in order, so
+    every image appears exactly once across ranks.
     """
     if not spec.train:
         return np.arange(spec.rank, num_samples, spec.world_size)
     order = np.random.default_rng([spec.seed, epoch]).permutation(num_samples)
-    per_rank = num_samples // spec.world_size
-    mine = order[spec.rank * per_rank:(spec.rank + 1) * per_rank]
-    return mine[:len(mine) // spec.batch_size * spec.batch_size]
+    steps = num_batches(num_samples, spec)
+    by_step = order[:steps * spec.batch_size * spec.world_size].reshape(steps, spec.world_size, spec.batch_size)
+    return by_step[start_step:, spec.rank].reshape(-1)
 
 
 def num_batches(num_samples: int, spec: LoaderSpec) -> int:
-    """Batches per epoch on this rank (see epoch_indices)."""
+    """Batches per epoch on this rank (see epoch_indices): train, the epoch's global steps."""
     if spec.train:
-        return num_samples // spec.world_size // spec.batch_size
+        return num_samples // (spec.world_size * spec.batch_size)
     mine = len(range(spec.rank, num_samples, spec.world_size))
     return -(-mine // spec.batch_size)
+
+
+def check_start_step(start_step: int, steps: int) -> int:
+    """`start_step` of set_epoch as an int in [0, steps], or a LoaderError."""
+    if isinstance(start_step, bool) or int(start_step) != start_step or not 0 <= start_step <= steps:
+        raise LoaderError(f"set_epoch start_step {start_step!r}: a global step of the epoch, 0 to {steps}")
+    return int(start_step)
+
+
+def ignore_stop_signals(worker_id: int = 0):
+    """A loader worker process's init: SIGTERM and SIGUSR1 are the trainer's to act on, at a step
+    boundary (engine/stop.py). torchrun and Slurm send them to every process of the job, workers
+    included, and a worker they ended would fail the loader before the step could finish. So the
+    worker blocks both and a thread takes them: only a SIGTERM from its own parent (the
+    DataLoader's, or multiprocessing's at exit, which then joins it) ends it."""
+    stop_signals = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # inherited by the thread below
+
+    def take():
+        while True:
+            info = signal.sigwaitinfo(stop_signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=take, name="stop-signals", daemon=True).start()
 
 
 def pin_if_useful(device: torch.device) -> bool:

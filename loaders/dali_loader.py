@@ -1,28 +1,31 @@
 """DALI loader: an NVIDIA DALI pipeline that runs entirely on the CPU.
 
-Reads the record shards (`fn.readers.webdataset` with the converter's index files) or, when no
-shards exist, the ImageFolder itself (`fn.readers.file` over our own file list, so labels follow
-the same class map). Decoding, cropping and flipping are DALI CPU operators in DALI's own
-threads; no `.gpu()` anywhere. Option decode "device" (what "auto" picks on CUDA) decodes with
-DALI's "mixed" operator instead: nvJPEG, the hardware JPEG engine taking hw_decoder_load of each
-batch, with the crop fused into the decode, and the resize and flip on the GPU; nvJPEG's buffers
-are sized up front as NVIDIA's DeepLearningExamples size them, so they are not reallocated.
+Train reads the samples in the trainer's order (common.epoch_indices: the images of global step
+k the same whatever the world size, each rank its part, a resume starting at its step without
+reading what it skips): an external source reads each JPEG's bytes, from the record shards (a
+seek to the offset their index files give) or, when no shards exist, from the ImageFolder's
+files (labels from our own file list, so they follow the same class map). DALI's readers cannot
+be given an order: the webdataset reader shuffles in its own buffer and shards per rank by
+position. Val: the readers (`fn.readers.webdataset` with the converter's index files, or
+`fn.readers.file`) with DALI's own sharding (contiguous, disjoint), pad_last_batch, and the
+iterator's PARTIAL policy drop the padding, so each image is counted once.
+
+Decoding, cropping and flipping are DALI CPU operators in DALI's own threads; no `.gpu()`
+anywhere. Option decode "device" (what "auto" picks on CUDA) decodes with DALI's "mixed"
+operator instead: nvJPEG, the hardware JPEG engine taking hw_decoder_load of each batch, with
+the crop fused into the decode, and the resize and flip on the GPU; nvJPEG's buffers are sized
+up front as NVIDIA's DeepLearningExamples size them, so they are not reallocated.
 
 Options: shards_dir (default DATA/shards), source ("auto" | "shards" | "folder"),
 decode ("auto" | "cpu" | "device"), prefetch (batches queued ahead, default 2), hw_decoder_load.
 
-Train: the pipeline is an endless stream (the reader moves on to the next shard at each of its
-own epochs) from which every rank takes the same number of full batches per epoch, so shard
-sizes that differ by one never stall DDP. Reading the shards, one pipeline serves consecutive
-epochs: building and tearing one down costs ~0.5 s, half of a 400-image epoch. A new one,
-seeded from (seed, epoch, rank), is built on the first epoch, when set_epoch does not follow the
-last epoch read to its end (a repeat, a resume, an epoch broken off), and every epoch when
-reading the ImageFolder: the file reader cannot reshuffle, so each epoch gets its own full
-permutation. So an uninterrupted run and a resumed one see the same images per epoch but not in
-the same order. The output size is part of the graph: after set_resolution to another size, the
-next epoch gets a new pipeline (feeding the size in as an input instead would leave the batches
-already prefetched at the old size). Val: DALI's own sharding (contiguous, disjoint),
-pad_last_batch, and the iterator's PARTIAL policy drop the padding, so each image is counted once.
+Train: one pipeline serves consecutive epochs (its source goes on into the next epoch's order):
+building and tearing one down costs ~0.5 s, half of a 400-image epoch. A new one, seeded from
+(seed, epoch, rank), is built on the first epoch, when set_epoch does not follow the last epoch
+read to its end (a repeat, a resume, an epoch broken off), and when the size changes: the output
+size is part of the graph (feeding it in as an input instead would leave the batches already
+prefetched at the old size). A resumed run sees the same images at each step as an unbroken one;
+its crops come from its own pipeline's random stream.
 """
 import numpy as np
 import torch
@@ -31,8 +34,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from core.dataset import split_index
 from core.errors import LoaderError
-from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, num_batches, timed_epoch,
-                            to_device, use_shards, val_resize_px)
+from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, check_start_step, epoch_indices,
+                            num_batches, timed_epoch, to_device, use_shards, val_resize_px)
 
 MAX_LABEL_DIGITS = 8  # .cls holds the label as ASCII decimal
 # nvJPEG's buffers sized for the largest ImageNet image up front (NVIDIA DeepLearningExamples, RN50)
@@ -72,17 +75,19 @@ class DALILoader:
             self.total = len(self.paths)
         self.decoding = (f"on {spec.device} by DALI's mixed decoder (nvJPEG)" if self.decode == "mixed"
                          else f"in {max(1, spec.workers)} DALI CPU thread(s)")
-        self.epoch = 0
+        self.epoch, self.start_step = 0, 0
         self.resolution = spec.image_size
         self.first_batch_s = None
         self.num_samples = len(self) * spec.batch_size if spec.train else self._val_shard_size()
         self._val_iterator, self._val_px = None, None  # the val pipeline's iterator and its size
         self._stream = None  # the live train pipeline's endless iterator
         self._stream_serves = None  # (epoch, px) it can serve next; None: build a new one
-        self.builds = 0  # train pipelines built so far (one per run when reading the shards)
+        self.builds = 0  # train pipelines built so far (one per run at one size)
+        self.rows, self.files = None, {}  # the shards' sample offsets and open tars, read on first use
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int, start_step: int = 0):
         self.epoch = epoch
+        self.start_step = check_start_step(start_step, len(self)) if self.spec.train else 0
 
     def set_resolution(self, px: int):
         self.resolution = check_resolution(px)  # the next epoch's pipeline is built at it
@@ -100,21 +105,41 @@ class DALILoader:
     # -- the pipeline ---------------------------------------------------------------------
     def _reader(self, shard_id: int):
         spec = self.spec
-        sharding = dict(shard_id=shard_id, num_shards=spec.world_size, pad_last_batch=not spec.train,
-                        name="Reader")
+        if spec.train:  # this rank's samples in the trainer's order, from (epoch, start_step) on
+            return fn.external_source(source=self._train_samples(), num_outputs=2, batch=True,
+                                      dtype=[types.UINT8, types.INT32])
+        sharding = dict(shard_id=shard_id, num_shards=spec.world_size, pad_last_batch=True, name="Reader")
         if self.use_shards:
             jpegs, raw = fn.readers.webdataset(
                 paths=self.tars, index_paths=self.indexes, ext=["jpg", "cls"],
-                missing_component_behavior="error", random_shuffle=spec.train,
-                initial_fill=min(4096, self.total), seed=self._seed(), **sharding)
+                missing_component_behavior="error", random_shuffle=False, **sharding)
             return jpegs, fn.pad(raw, axes=(0,), shape=(MAX_LABEL_DIGITS,), fill_value=0)
-        if spec.train:
-            # A full permutation from (seed, epoch), the same on every rank; DALI shards it.
-            order = np.random.default_rng([spec.seed, self.epoch]).permutation(self.total)
-        else:
-            order = np.arange(self.total)
-        return fn.readers.file(files=[self.paths[i] for i in order], labels=self.labels[order].tolist(),
-                               random_shuffle=False, **sharding)
+        return fn.readers.file(files=self.paths, labels=self.labels.tolist(), random_shuffle=False, **sharding)
+
+    def _train_samples(self):
+        """Endless batches of (JPEG bytes, label) for this rank: epoch `self.epoch` from its
+        start_step, then each following epoch whole."""
+        read = self._shard_sample if self.use_shards else self._file_sample
+        epoch, start = self.epoch, self.start_step
+        while True:
+            indices = epoch_indices(self.total, self.spec, epoch, start).reshape(-1, self.spec.batch_size)
+            for batch in indices:
+                jpegs, labels = zip(*(read(int(i)) for i in batch))
+                yield list(jpegs), [np.array([label], dtype=np.int32) for label in labels]
+            epoch, start = epoch + 1, 0
+
+    def _file_sample(self, index: int):
+        return np.fromfile(self.paths[index], dtype=np.uint8), self.labels[index]
+
+    def _shard_sample(self, index: int):
+        if self.rows is None:
+            self.rows, self.files = self.shards.samples(), {}  # tar, jpg offset, size, cls offset, size
+        tar, jpg_at, jpg_size, cls_at, cls_size = (int(v) for v in self.rows[index])
+        f = self.files.get(tar) or self.files.setdefault(tar, open(self.tars[tar], "rb"))
+        f.seek(jpg_at)
+        jpg = np.frombuffer(f.read(jpg_size), dtype=np.uint8)
+        f.seek(cls_at)
+        return jpg, int(f.read(cls_size))
 
     def _seed(self) -> int:
         return int(np.random.SeedSequence([self.spec.seed, self.epoch, self.spec.rank]).generate_state(1)[0] >> 1)
@@ -162,13 +187,11 @@ class DALILoader:
         return self._val_iterator
 
     def _train_stream(self):
-        """The endless iterator for this epoch: the live one when it just finished the previous epoch,
-        reads the shards and makes this epoch's size, else a new pipeline starting at shard
-        (rank + epoch) % world, the rotation DistributedSampler's permutation gives and the reader
-        keeps up at each of its epochs."""
-        if not (self.use_shards and self._stream_serves == (self.epoch, self.resolution)):
+        """The endless iterator for this epoch: the live one when it just finished the previous epoch
+        at this epoch's size and this epoch starts at its beginning, else a new pipeline."""
+        if self._stream_serves != (self.epoch, self.start_step, self.resolution):
             self._stream = None  # release the old pipeline's threads and buffers before building
-            pipe = self._pipeline((self.spec.rank + self.epoch) % self.spec.world_size)
+            pipe = self._pipeline(self.spec.rank)
             pipe.build()
             self._stream = iter(DALIGenericIterator(pipe, ["images", "labels"], size=-1))
             self.builds += 1
@@ -177,16 +200,16 @@ class DALILoader:
 
     def _train_batches(self):
         stream = self._train_stream()
-        for _ in range(len(self)):
+        for _ in range(len(self) - self.start_step):
             yield next(stream)
-        self._stream_serves = (self.epoch + 1, self.resolution)
+        self._stream_serves = (self.epoch + 1, 0, self.resolution)
 
     def _batches(self):
         for batch in (self._train_batches() if self.spec.train else self._val_batches()):
             out = batch[0]
             images = out["images"].permute(0, 3, 1, 2)  # N x H x W x C buffer -> channels_last view
             raw = out["labels"]
-            labels = _ascii_labels(raw) if self.use_shards else raw
+            labels = _ascii_labels(raw) if self.use_shards and not self.spec.train else raw
             yield to_device(images, labels, self.spec.device)
 
     def __iter__(self):

@@ -9,6 +9,13 @@ That needs no recompile in FFCV 1.0.2: each epoch's iterator allocates its buffe
 decoders' declared sizes (Graph.allocate_memory), and the compiled code takes every size from
 those buffers.
 
+Train order: FFCV's Loader takes any TraversalOrder, so it is given the trainer's own
+(common.epoch_indices: the same images at global step k whatever the world size, each rank
+its part, starting at set_epoch's start_step without reading what it skips) rather than FFCV's
+distributed order (DistributedSampler's, which depends on the world size). quasi_random
+(FFCV's page-wise order, for datasets larger than RAM) stays FFCV's own, on one rank only; a
+resume starts it at its step by cutting that epoch's order, again without reading the rest.
+
 Options: os_cache (bool, default True: the OS page cache holds the file, best when the dataset
 fits in RAM), order ("random" | "quasi_random"; quasi_random only on one rank), beton_dir (where
 the .beton files are; default DATA/ffcv).
@@ -22,12 +29,33 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.traversal_order import QuasiRandom
+from ffcv.traversal_order.base import TraversalOrder
 
 from core.dataset import check_class_map, read_class_map
 from core.errors import LoaderError
-from loaders.common import RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, timed_epoch
+from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, check_start_step,
+                            epoch_indices, timed_epoch)
 
-ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}
+
+
+class _EpochOrder(TraversalOrder):
+    """This rank's samples of an epoch from global step `start_step` on: common.epoch_indices
+    ("random"), or FFCV's QuasiRandom order cut at that step ("quasi_random", one rank)."""
+
+    def __init__(self, spec: LoaderSpec, num_samples: int):
+        self.spec, self.num_samples, self.start_step, self.quasi = spec, num_samples, 0, None
+
+    def __call__(self, loader):  # FFCV 1.0.2 calls the order instance it is given with the Loader
+        super().__init__(loader)
+        if self.spec.options.order == "quasi_random":
+            self.quasi = QuasiRandom(loader)
+        return self
+
+    def sample_order(self, epoch: int):
+        if self.quasi is not None:
+            return self.quasi.sample_order(epoch)[self.start_step * self.spec.batch_size:]
+        return epoch_indices(self.num_samples, self.spec, epoch, self.start_step).astype(np.uint64)
 
 
 def beton_path(spec: LoaderSpec) -> Path:
@@ -59,22 +87,19 @@ class FFCVLoader:
         image_ops += [ToTensor(), *on_device, ToTorchImage(channels_last=True)]
         label_ops = [IntDecoder(), ToTensor(), Squeeze(), *on_device]
 
-        order = spec.options.order
-        distributed = spec.world_size > 1
-        if distributed and order == "quasi_random":
+        if spec.world_size > 1 and spec.options.order == "quasi_random":
             raise LoaderError("--ffcv-order quasi_random does not work in distributed mode: use random")
         # FFCV's numba threads cannot exceed the cores: --workers 16 on a smaller host means all cores.
         threads = min(max(1, spec.workers), os.cpu_count() or 1)
         common = dict(batch_size=spec.batch_size, num_workers=threads,
                       os_cache=spec.options.os_cache,
                       pipelines={"image": image_ops, "label": label_ops}, seed=spec.seed)
+        total = self._count(path)
         if spec.train:
-            # FFCV's distributed mode: DistributedSampler semantics, equal batch counts per rank.
-            self.loader = Loader(str(path), order=ORDERS[order], distributed=distributed,
-                                 drop_last=True, **common)
+            self.order = _EpochOrder(spec, total)  # equal batch counts per rank, as DDP needs
+            self.loader = Loader(str(path), order=self.order, drop_last=True, **common)
         else:
             # FFCV's distributed val pads with repeated images; rank::world instead counts each once.
-            total = self._count(path)
             self.loader = Loader(str(path), order=OrderOption.SEQUENTIAL, drop_last=False,
                                  indices=np.arange(spec.rank, total, spec.world_size, dtype=np.uint64),
                                  **common)
@@ -96,9 +121,11 @@ class FFCVLoader:
         px = check_resolution(px)
         self.decoder.output_size = (px, px)
 
-    def set_epoch(self, epoch: int):
-        # FFCV draws epoch e's order from seed + e (DistributedSampler.set_epoch when distributed).
+    def set_epoch(self, epoch: int, start_step: int = 0):
+        # Loader.__iter__ asks the order for epoch `next_epoch` (and len() keeps the whole epoch's).
         self.loader.next_epoch = epoch
+        if self.spec.train:
+            self.order.start_step = check_start_step(start_step, len(self))
 
     def __len__(self):
         return len(self.loader)

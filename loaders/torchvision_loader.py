@@ -30,8 +30,8 @@ from torchvision.transforms import v2
 from core.dataset import split_index
 from core.errors import LoaderError
 from core.manifest import crc32c
-from loaders.common import (LoaderSpec, check_resolution, epoch_indices, num_batches,
-                            pin_if_useful, timed_epoch, to_device, use_shards, val_resize_px)
+from loaders.common import (LoaderSpec, check_resolution, check_start_step, epoch_indices, ignore_stop_signals,
+                            num_batches, pin_if_useful, timed_epoch, to_device, use_shards, val_resize_px)
 from loaders.crops import crop_flip_boxes
 from loaders.device_decode import DECODER, DeviceStage, decode_error, decode_image, jpeg_header, prefetch
 
@@ -246,15 +246,18 @@ class _ShardImages(_Images):
 
 
 class _EpochSampler(Sampler):
-    """Yields (index, epoch, size) for this rank's part of the epoch (see common.epoch_indices):
-    the key tells the worker that serves it the epoch's size."""
+    """Yields (index, epoch, size) for this rank's part of the epoch (see common.epoch_indices),
+    from global step `start_step` on: a resume starts there without reading what it skips. The
+    key tells the worker that serves it the epoch's size. len() is the whole epoch's."""
 
     def __init__(self, num_samples: int, spec: LoaderSpec):
         self.num_samples, self.spec, self.epoch, self.size = num_samples, spec, 0, spec.image_size
+        self.start_step = 0
 
     def __iter__(self):
         epoch, size = self.epoch, self.size  # fixed for the whole epoch, whatever is set meanwhile
-        return ((int(i), epoch, size) for i in epoch_indices(self.num_samples, self.spec, epoch))
+        indices = epoch_indices(self.num_samples, self.spec, epoch, self.start_step)
+        return ((int(i), epoch, size) for i in indices)
 
     def __len__(self):
         return len(epoch_indices(self.num_samples, self.spec, self.epoch))
@@ -306,6 +309,7 @@ class TorchvisionLoader:
             self.dataset, batch_size=spec.batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=_whole_batch, pin_memory=pin_if_useful(spec.device), drop_last=spec.train,
             persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,
             # Its own generator: a new iterator draws a worker base seed, and drawing it from the
             # global RNG would shift dropout's stream whenever workers (re)start, e.g. on resume.
             generator=torch.Generator().manual_seed(spec.seed))
@@ -315,8 +319,9 @@ class TorchvisionLoader:
         self.decoding = (f"on {spec.device} in batches ({DECODER}{', nvJPEG' if spec.device.type == 'cuda' else ''})"
                          if on_device else f"in {workers or 'the main'} worker process(es) ({DECODER})")
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int, start_step: int = 0):
         self.sampler.epoch = epoch
+        self.sampler.start_step = check_start_step(start_step, len(self))
 
     @property
     def resolution(self) -> int:

@@ -1,0 +1,217 @@
+"""A run on a cluster, on the CPU: real torchrun, gloo, 2 processes. Every rank stops at the same
+step on a signal, one checkpoint there; a run resumes exactly on another number of processes; a
+stalled rank is caught and the group restarted; a mid-epoch resume starts each loader at its step."""
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from convert.make_sample import make_sample
+from core.dataset import split_index
+from core.errors import CheckpointError
+from engine.checkpoint import check_position
+from loaders import build_loader
+from loaders.common import LoaderSpec, epoch_indices
+from test_faults import assert_same_weights
+from test_train import REPO, TINY, ok, run_train
+
+# 48 train images, global batch 4 (2 per rank on 2 processes): 12 steps an epoch; the only
+# mid-epoch checkpoint is the stop's.
+ARGS = ["--loader", "torchvision", "--deterministic", "--batch_size", "4", "--epochs", "2",
+        "--checkpoint-every", "0"]
+TORCHRUN_ERRORS = ("torch.distributed.elastic.multiprocessing.api.SignalException",
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+
+
+def launch(args, out: Path, nproc: int, restarts: int = 0, env=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={restarts}", str(REPO / "train.py"), *TINY, "--output-dir", str(out), *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def read_until(proc: subprocess.Popen, pattern: str) -> str:
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    raise AssertionError(f"never printed {pattern!r}:\n" + "".join(seen)[-3000:])
+
+
+def ranks(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The train.py processes torchrun started, by rank."""
+    found = [c for c in psutil.Process(proc.pid).children() if "train.py" in " ".join(c.cmdline())]
+    return sorted(found, key=lambda c: int(c.environ()["RANK"]))
+
+
+def rank_tracebacks(output: str) -> int:
+    """Tracebacks in the output that are not torchrun's own report of its signal or of a worker's
+    non-zero exit (torchrun 2.14 prints those whatever its workers do)."""
+    return output.count("Traceback (most recent call last)") - sum(output.count(e + ":") for e in TORCHRUN_ERRORS)
+
+
+def checkpoint(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+
+
+def trained_images(folder: Path) -> dict:
+    """{(epoch, step): Counter of image digests} over every rank file a run (and its resumes) wrote."""
+    steps = collections.defaultdict(collections.Counter)
+    for path in folder.glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            steps[row["epoch"], row["step"]].update(row["images"])
+    return dict(steps)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """4 classes, 12 train + 2 val images each."""
+    return make_sample(tmp_path_factory.mktemp("cluster_sample"), num_classes=4, train_per_class=12,
+                       val_per_class=2, oddities=False, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def unbroken(data, tmp_path_factory) -> Path:
+    """The reference: 2 epochs on 2 processes, every image each rank trained on recorded."""
+    out = tmp_path_factory.mktemp("unbroken")
+    ok(run_train(["--data", str(data), *ARGS], out, torchrun_nproc=2,
+                 env={"TRAIN_RECORD_BATCHES": str(out / "batches")}))
+    return out
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_continues_bitwise(data, unbroken, tmp_path):
+    args = ["--data", str(data), *ARGS]
+    proc = launch(args, tmp_path, nproc=2)
+    head = read_until(proc, r"epoch 1 step 3/12")
+    proc.send_signal(signal.SIGTERM)  # what Slurm and Kubernetes send first; torchrun forwards it to both ranks
+    output = head + proc.communicate(timeout=120)[0]
+    assert rank_tracebacks(output) == 0 and "Connection closed" not in output, output[-3000:]
+    saved = re.findall(r"SIGTERM: saved \S+ at epoch 1 batch (\d+); .* \(exit status 75", output)
+    assert len(saved) == 1, output[-3000:]  # one line, from rank 0
+    state = checkpoint(tmp_path)
+    assert state["epoch"] == 0 and 0 < state["next_batch"] < 12 and state["next_batch"] == int(saved[0])
+    assert (state["global_step"], state["samples_seen"], state["world_size"]) == (
+        state["next_batch"], 4 * state["next_batch"], 2)
+    resumed = ok(run_train(args, tmp_path, torchrun_nproc=2))  # the same command
+    assert f"resumed from {tmp_path / 'checkpoint.pth'}: epoch 1, batch {state['next_batch']}" in resumed.stdout
+    assert_same_weights(unbroken / "checkpoint.pth", tmp_path / "checkpoint.pth")
+
+
+def test_a_run_stopped_on_two_processes_continues_on_one_with_the_same_images(data, unbroken, tmp_path):
+    """SIGUSR1 (Slurm's --signal) to rank 1 alone: rank 0 learns of it through the all-reduced flag
+    and writes the checkpoint; one process continues with exactly the images of each step."""
+    args = ["--data", str(data), *ARGS]
+    record = {"TRAIN_RECORD_BATCHES": str(tmp_path / "batches")}
+    proc = launch(args, tmp_path, nproc=2, env=record)
+    head = read_until(proc, r"epoch 1 step 2/12")
+    ranks(proc)[1].send_signal(signal.SIGUSR1)
+    output = head + proc.communicate(timeout=120)[0]
+    assert "SIGUSR1: saved" in output and rank_tracebacks(output) == 0, output[-3000:]
+    state = checkpoint(tmp_path)
+    assert state["epoch"] == 0 and 0 < state["next_batch"] < 12
+    ok(run_train(args, tmp_path, env=record))  # one process, the same global batch
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 1
+    got, want = trained_images(tmp_path / "batches"), trained_images(unbroken / "batches")
+    assert got == want  # each global step of each epoch: the same images, each once
+    assert len(want) == 24 and all(sum(c.values()) == 4 for c in want.values())
+
+
+def test_a_stalled_rank_is_caught_named_and_the_group_restarts_from_the_checkpoint(data, tmp_path):
+    args = ["--data", str(data), *ARGS[:-2], "--checkpoint-every", "1", "--dist-timeout", "1"]
+    proc = launch(args, tmp_path, nproc=2, restarts=1)
+    head = read_until(proc, r"epoch 1 step 4/12")
+    stalled = ranks(proc)[1]
+    stalled.send_signal(signal.SIGSTOP)  # as a hung file system or a wedged worker leaves it
+    output = head + proc.communicate(timeout=400)[0]
+    print(output)  # pytest shows it when an assertion fails
+    assert proc.returncode == 0, output[-3000:]
+    assert re.search(r"rank 0: no step completed for \d+ s after epoch 1 step \d+ \(--dist-timeout\)", output), \
+        output[-3000:]
+    assert "(most recent call first)" in output  # faulthandler's dump of every thread of rank 0
+    assert "resumed from" in output and checkpoint(tmp_path)["epoch"] == 2
+
+
+def test_a_mid_epoch_checkpoint_with_another_global_batch_is_refused_naming_both():
+    state = {"epoch": 0, "next_batch": 5, "global_batch": 8, "samples_seen": 40}
+    with pytest.raises(CheckpointError, match=r"global batch 8, and --batch_size is 16 here: resume with "
+                                              r"--batch_size 8"):
+        check_position(state, "ckpt.pth", 16)
+    assert check_position({**state, "next_batch": 0}, "ckpt.pth", 16) == 0  # an epoch's end: any batch
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_the_images_of_each_global_step_do_not_depend_on_the_world_size(world):
+    def step_images(world_size: int, start_step: int) -> list[set]:
+        per = 8 // world_size
+        parts = [epoch_indices(100, LoaderSpec(split="train", data=".", batch_size=per, seed=1, rank=r,
+                                               world_size=world_size), 3, start_step).reshape(-1, per)
+                 for r in range(world_size)]
+        return [set(np.concatenate(step).tolist()) for step in zip(*parts)]
+    whole = step_images(1, 0)
+    assert len(whole) == 12 and step_images(world, 0) == whole and step_images(world, 9) == whole[9:]
+
+
+@pytest.mark.parametrize("name, options", [("torchvision", {"source": "shards"}), ("torchvision", {"source": "folder"}),
+                                           ("ffcv", {}), ("dali", {"source": "shards"}),
+                                           ("dali", {"source": "folder"})])
+def test_each_loader_starts_an_epoch_at_a_step_in_the_world_size_free_order(tiny_converted, name, options):
+    """Labels of every batch, 2 ranks started at step 1, against the order common.epoch_indices
+    gives, read from the same samples in the dataset's order (shards: theirs)."""
+    from core.shards import find_shards
+    on_shards = options.get("source") == "shards"
+    shards = find_shards(tiny_converted / "shards", "train", tiny_converted) if on_shards else None
+    labels = (np.array([int(r) for r in _shard_labels(shards)]) if shards is not None
+              else np.asarray(split_index(tiny_converted, "train").labels))
+    for rank in (0, 1):
+        loader = build_loader(name, split="train", data=tiny_converted, batch_size=4, workers=1, image_size=32,
+                              seed=3, rank=rank, world_size=2, options=options)
+        loader.set_epoch(1, 1)
+        got = [labels_.tolist() for _, labels_ in loader]
+        spec = LoaderSpec(split="train", data=tiny_converted, batch_size=4, seed=3, rank=rank, world_size=2)
+        assert len(loader) == 3 and got == labels[epoch_indices(24, spec, 1, 1)].reshape(2, 4).tolist()
+
+
+def _shard_labels(shards) -> list[int]:
+    rows = shards.samples()
+    out = []
+    for tar, _, _, cls_at, cls_size in rows:
+        with open(shards.tars[tar], "rb") as f:
+            f.seek(cls_at)
+            out.append(int(f.read(cls_size)))
+    return out
+
+
+def test_two_nodes_resume_and_finish_after_one_nodes_worker_is_killed(data, unbroken, tmp_path):
+    """Two torchrun agents on localhost (c10d rendezvous, 1 process each), as two nodes would
+    run; one node's worker is killed mid-epoch: both agents restart their workers, which resume
+    from the last checkpoint and finish with the unbroken run's weights."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--data", str(data), *ARGS[:-2], "--checkpoint-every", "1"]
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=cluster-test", "--max-restarts=1",
+         str(REPO / "train.py"), *TINY, "--output-dir", str(tmp_path), *args],
+        cwd=REPO, stdout=subprocess.PIPE if n == 0 else open(tmp_path / "node1.log", "w"), stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for n in (0, 1)]
+    head = read_until(agents[0], r"epoch 1 step 6/12")
+    ranks(agents[1])[0].send_signal(signal.SIGKILL)  # node 1's only worker
+    outputs = [head + agents[0].communicate(timeout=400)[0]]
+    agents[1].wait(timeout=60)
+    outputs.append((tmp_path / "node1.log").read_text())
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "resumed from" in outputs[0] and checkpoint(tmp_path)["epoch"] == 2
+    assert_same_weights(unbroken / "checkpoint.pth", tmp_path / "checkpoint.pth")
