@@ -6,28 +6,18 @@
 #                                            #   PYTHONUNBUFFERED=1; what comes back is in $OUT
 #     bash bench/accelerator.sh --rehearse   # here: the whole call on the CPU in the H200's software
 #
-# Stages, in order of value; each runs under its limit (cut to what is left of BUDGET_S) and is
-# skipped, saying so, when less than MIN_S is left. A fatal preflight comes first: every module the
-# call imports (the carried ones too), a batched decode on the device, a tiny capture with fused
-# SGD and one with capturable RMSprop while the loader's decode thread works. The dataset is made
-# in the background meanwhile. Then: the CUDA tests (pytest -m cuda, nvJPEG first, each with a
-# timeout); train.py under torchrun, bf16 --cuda-graphs --decode device; graphed against eager loss
-# curves; train_fps model-only and end to end with --decode device; decode agreement; the graphs
-# sweep over batch sizes; FFCV at --preset fast end to end; train.py fp16; torch.compile (COMPILE=1).
-# After every stage what has been measured is packed into the three files that come back:
-# accelerator.log, checks.json (bench/accelerator_checks.py) and results.tar.gz; a script cut off
-# by its limit (SIGINT) writes what it measured, marked partial.
-#
-# The lent machine has torch 2.11, torchvision 0.26, numba, cv2 and pytest but no package index,
-# and the project is not installed there: PYTHONPATH gets the checkout and CARRY/site (FFCV, the
-# crc32c wheel: bench/carry_ffcv.sh), LD_LIBRARY_PATH the carried libraries it lacks.
-# --rehearse builds (once, under out/) a virtualenv holding only the machine's torch, torchvision
-# and the listed packages the call uses, carries for its Python, then runs the call with the CPU as
-# the device (tiny sizes; CUDA-only rows and tests come back skipped) and checks what would come
-# back: fewer than 9 files of at most 16 MiB, every stage's JSON, every check, no stage over its
-# limit, no import error. WITHOUT=google_crc32c drops a carried package: it must fail at preflight.
-# Knobs (environment): OUT, DATA, CLASSES, PER_CLASS, STEPS, ROUNDS, BUDGET_S, MIN_S, STAGES (a
-# comma-separated subset, for a second, targeted call), COMPILE, WORKERS, DECODE_WORKERS, DEVICE.
+# Stages in order of value (bench/README.md, "Prepared for the next accelerator"), each under its
+# limit cut to what is left of BUDGET_S, skipped (saying so) when under MIN_S is left: a fatal
+# preflight (bench/accelerator_checks.py), the dataset in the background, the CUDA tests, train.py,
+# loss agreement, train_fps, decode agreement, the graphs sweep, FFCV, fp16, compile (COMPILE=1).
+# After every stage what was measured is packed into the three files that come back:
+# accelerator.log, checks.json, results.tar.gz. The H200 has torch 2.11 but no package index and
+# no install of this project: PYTHONPATH gets the checkout and CARRY/site (bench/carry_ffcv.sh),
+# LD_LIBRARY_PATH the carried libraries it lacks. --rehearse: once, a virtualenv of the H200's
+# torch and the listed packages the call uses (out/), then the call with the CPU as the device,
+# tiny, and a check of what would come back; WITHOUT=google_crc32c drops that carried package.
+# Knobs: OUT DATA CLASSES PER_CLASS STEPS ROUNDS BUDGET_S MIN_S STAGES (a subset, for a second
+# call) COMPILE WORKERS DECODE_WORKERS DEVICE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -4,16 +4,12 @@
 #
 #     bash bench/carry_ffcv.sh [DEST]       # then: device run with carry [".h200"], bench/accelerator.sh
 #
-# DEST/site: the ffcv package and its pure-Python needs (assertpy, fastargs, terminaltables,
-# pytorch_pfn_extras). FFCV loads _libffcv through ctypes and calls no Python API beyond
-# PyModule_Create2, so the extension is renamed to the suffix every CPython imports (.so) and runs
-# under another Python version. DEST/lib: the shared libraries _libffcv links, from this machine,
-# except the C and C++ runtimes, which the other machine's own (newer) ones must provide.
-# DEST/site also gets google-crc32c's wheel for the other machine's Python (CARRY_PYTHON, 3.12): the
-# checksums of the converted data (core/manifest.py), which every loader reads.
-# DEST/torchcodec: TorchCodec's wheel for that Python, the decoder --decode device prefers. It is
-# built for this machine's torch; accelerator.sh puts it on the path only where it imports there,
-# else the loaders use torchvision.io's decoders and say so.
+# DEST/site: FFCV and its pure-Python needs, and google-crc32c's wheel (the data's checksums) for
+# the other machine's Python (CARRY_PYTHON, 3.12). FFCV loads _libffcv through ctypes and calls no
+# Python API beyond PyModule_Create2, so the extension, renamed to the suffix every CPython imports
+# (.so), runs under another version. DEST/lib: the libraries _libffcv links, less the C and C++
+# runtimes (the other machine's newer ones serve). DEST/torchcodec: TorchCodec's wheel for that
+# Python; accelerator.sh uses it only where it decodes there (built for this machine's torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.h200}

@@ -59,6 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "on --device (nvJPEG on CUDA); default: on when --device is not the CPU")
     p.add_argument("--device-decode-workers", type=int, default=3,
                    help="that row's reader threads (with the thread that hands batches to the device: its host cores)")
+    p.add_argument("--resume-at", type=float, default=None,
+                   help="also a '<loader> resumed at F' row per loader: each epoch starts at that fraction, as a "
+                        "resumed run does (set_epoch(epoch, start_step)); its cold first batch against the fresh row's")
     p.add_argument("--seed", type=int, default=0, help="shuffling and augmentation seed")
     add_output_flags(p, "loader_fps")
     return p
@@ -144,6 +147,9 @@ def plan_rows(args) -> list[Pipeline]:
     for lib in args.loaders:
         rows += [Pipeline(lib, lib, "ours", partial(build_ours, library=lib), args),
                  Pipeline(f"{lib} bare", lib, "bare", BARE[lib], args)]
+        if args.resume_at is not None:
+            rows.append(Pipeline(f"{lib} resumed at {args.resume_at:.0%}", lib, "resumed",
+                                 partial(build_ours, library=lib, start_at=args.resume_at), args))
     if args.device_decode and "torchvision" in args.loaders:
         rows += [Pipeline("torchvision device-decode", "torchvision", "ours",
                           partial(build_ours, library="torchvision", decode="device"), args),
@@ -183,13 +189,14 @@ def our_loader(args, library: str, decode: str = "cpu"):
                         device=torch.device(args.device), options={**options[library], "decode": decode})
 
 
-def build_ours(args, library: str, decode: str = "cpu"):
+def build_ours(args, library: str, decode: str = "cpu", start_at: float = 0.0):
+    """start_at: each epoch from that fraction of its steps on, reading nothing before it."""
     import torch
     device = torch.device(args.device)
     loader = our_loader(args, library, decode)
 
     def run_epoch(epoch):
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, int(start_at * len(loader)))
         return _consume(loader, device)[0], loader.first_batch_s
     return run_epoch
 
@@ -425,7 +432,7 @@ def build_limit(args, source: str):
 COLUMNS = [("pipeline", "name", ""), ("img/s", "imgs_per_s", ".0f"), ("min", "imgs_per_s_min", ".0f"),
            ("max", "imgs_per_s_max", ".0f"), ("x stock", "x_stock", ".2f"), ("of bare", "of_bare", ".2f"),
            ("of limit", "of_limit", ".2f"), ("cores", "cores_used", ".2f"), ("img/s/core", "imgs_per_core_s", ".0f"),
-           ("/core x limit", "per_core_x_limit", ".1f"), ("CPU %", "cpu_util_pct", ".0f"), ("RSS MB", "peak_rss_mb", ".0f"),
+           ("/core x limit", "per_core_x_limit", ".1f"), ("1st x fresh", "first_batch_x_fresh", ".2f"), ("CPU %", "cpu_util_pct", ".0f"), ("RSS MB", "peak_rss_mb", ".0f"),
            ("PSS MB", "peak_pss_mb", ".0f"), ("1st batch cold s", "first_batch_s_cold", ".2f"),
            ("warm s", "first_batch_s_warm", ".3f")]
 
@@ -443,7 +450,10 @@ def summarize(rows: list[Pipeline], results: dict, args) -> list[dict]:
                     "of_limit": paired(result, limit)["median"] if row.kind in ("ours", "stock", "bare") else None,
                     # the host part's img/s per core over decoding's, same run: images handed over per one decoded
                     "per_core_x_limit": (own["imgs_per_core_s"] / stats(limit)["imgs_per_core_s"]
-                                         if row.kind == "host part" else None)})
+                                         if row.kind == "host part" else None),
+                    # a restarted run's first batch (a new loader: workers, JIT) against a fresh one's
+                    "first_batch_x_fresh": (own["first_batch_s_cold"] / stats(results[row.library])["first_batch_s_cold"]
+                                            if row.kind == "resumed" else None)})
     return out
 
 
