@@ -28,7 +28,8 @@ from loaders import normalize
 # The file must give PyTorch's logits to within max(atol, rtol x the largest logit). float32 is itself
 # only that exact on large logits: PyTorch's float32 logits of 27 were 1.3e-4 off its float64 ones.
 # float16 keeps ~3 significant digits, and top-1 may flip between near ties: reported, not required.
-TOLERANCE = {"float32": (1e-4, 1e-5), "float16": (1e-2, 1e-2)}  # (atol, rtol)
+# Its errors add up over the network's ~50 layers: 1.3% of the largest logit on a 2-epoch test model.
+TOLERANCE = {"float32": (1e-4, 1e-5), "float16": (1e-2, 2e-2)}  # (atol, rtol)
 LATENCY_BATCHES = (1, 32)
 
 

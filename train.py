@@ -7,7 +7,6 @@
 Writes to --output-dir: checkpoint.pth (every epoch, atomic), model_best.pth, metrics.jsonl (one
 line per epoch), summary.json, history.png and config.json; ends with `Acc@1 X  Acc@5 Y  FPS Z`.
 """
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import torch.distributed as dist
 
 from convert.make_sample import default_sample_dir, ensure_sample
 from core.dataset import CONVERTED_DIRS
-from core.errors import CheckpointError, ConfigError, DatasetError, LoaderError, TrainingDiverged, run_command
+from core.errors import (CheckpointError, ConfigError, DatasetError, ExitStatus, LoaderError, TrainingDiverged,
+                         run_command)
 from core.manifest import MANIFEST, size_problems
 from engine import checkpoint as ckpt
 from engine import distributed
@@ -353,15 +353,15 @@ def main(argv=None):
 
 def stopped(stop: StopRequest, save_checkpoint, epochs_done: int, next_batch: int, out_dir: Path, log):
     """Every rank at the same step boundary: one checkpoint there (save_checkpoint None: the epoch
-    end's is written), one line; main returns None, the command exits EXIT_INTERRUPTED."""
+    end's is written), one line; main returns EXIT_INTERRUPTED, the command's exit status."""
     if save_checkpoint is not None:
         save_checkpoint(epochs_done, next_batch)
     distributed.barrier()  # no rank leaves (torchrun would take it for a failure) before it is written
     log(f"{stop.signal_name}: saved {out_dir / ckpt.CHECKPOINT} at epoch {epochs_done + 1} batch {next_batch}; "
         f"run the same command again to continue (exit status {EXIT_INTERRUPTED}: interrupted, resumable)")
     distributed.cleanup()
-    return None
+    return ExitStatus(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":
-    sys.exit(EXIT_INTERRUPTED if run_command(main) is None else 0)
+    run_command(main)

@@ -33,10 +33,19 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
+class ExitStatus(int):
+    """What a command's main returns to end with this exit status and no message of its own
+    (train.py: interrupted at a checkpoint, resumable)."""
+
+
 def run_command(main, argv=None):
-    """Run a command's main(); a UserError becomes its message on stderr and the exit code."""
+    """Run a command's main(); a UserError becomes its message on stderr and the exit code, an
+    ExitStatus that main returns the exit status."""
     try:
-        return main(argv)
+        result = main(argv)
     except UserError as e:
         print(e, file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    if isinstance(result, ExitStatus):
+        sys.exit(int(result))
+    return result

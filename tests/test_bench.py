@@ -166,7 +166,8 @@ def test_a_run_without_json_writes_to_the_untracked_out_folder(data):
         assert device_row["images_per_epoch"] == TRAIN_IMAGES and device_row["cores_used"] > 0
     assert result["settings"]["device_decode_workers"] == 3
     assert [t["target"] for t in result["targets"]] == [
-        "torchvision >= 1.3x stock", "torchvision within 5% of torchvision bare"]
+        "torchvision >= 1.3x stock", "torchvision within 5% of torchvision bare",
+        "device-decode host part >= 8x the decode limit per core"]
 
 
 class Step(harness.Row):

@@ -143,7 +143,7 @@ def test_no_ema_and_fp16_export_the_trained_weights_in_float16(run, val, tmp_pat
     got = run_onnx(path, x)
     assert {p.key: p.value for p in onnx.load(path).metadata_props}["weights"] == "model"
     assert onnx.load(path).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()  # export.py's float16 tolerance
     assert np.abs(got - ema).max() > 1e-1
 
 
@@ -192,7 +192,7 @@ def test_an_export_that_does_not_match_pytorch_is_not_written(run, tmp_path, mon
     out, _ = run
     real_call = OnnxModel.__call__
     monkeypatch.setattr(OnnxModel, "__call__", lambda self, x: real_call(self, x) + 1e-3)  # a subtly wrong file
-    with pytest.raises(UserError, match=r"onnxruntime does not match PyTorch \(max abs logit diff 1.00e-03"):
+    with pytest.raises(UserError, match=r"onnxruntime does not match PyTorch \(max abs logit diff 1.0\de-03"):
         runpy.run_path(str(REPO / "export.py"))["main"]([str(out / "model_best.pth"), "--onnx",
                                                           str(tmp_path / "m.onnx")])
     assert list(tmp_path.iterdir()) == []
