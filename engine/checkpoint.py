@@ -6,7 +6,9 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from core.errors import CheckpointError
 
@@ -124,28 +126,77 @@ class Interval:
     def restart(self):
         self.steps_since, self.since_s = 0, time.monotonic()
 
-    def due(self) -> bool:
-        """Called after each step: True (and a new interval) when a checkpoint is due."""
+    def step(self) -> bool:
+        """Called after each step: True when the step count is reached (the same step on every
+        rank). The caller restarts the interval when it saves."""
         self.steps_since += 1
-        if (self.steps and self.steps_since >= self.steps) or (
-                self.seconds and time.monotonic() - self.since_s >= self.seconds):
-            self.restart()
-            return True
-        return False
+        return bool(self.steps) and self.steps_since >= self.steps
+
+    def time_up(self) -> bool:
+        """True once the minutes have passed: this rank's clock, which engine/stop.StopRequest
+        agrees on across ranks so that every rank saves at the same step."""
+        return bool(self.seconds) and time.monotonic() - self.since_s >= self.seconds
 
 
-def rng_state() -> dict:
+# Each rank's own generators: the CPU's and python's (dropout, drop-path on the CPU) and its own
+# device's, never another device's: a process that sees fewer devices resumes as well.
+def seed_rank(seed: int, rank: int, global_step: int = 0):
+    """This rank's generators from (seed, rank) (and the step, for a state made up mid-run), so
+    ranks draw different dropout masks. The loaders' sample order and crops and the augmentations
+    are seeded apart, from --seed, the step and the rank, and the model's initial weights from
+    --seed alone (they are the same on every rank)."""
+    derived = int(np.random.SeedSequence([seed, rank, global_step]).generate_state(1, np.uint64)[0] >> 1)
+    torch.manual_seed(derived)  # every device's generator too
+    random.seed(derived)
+
+
+def own_rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def gather_rng_state(runtime, everyone: bool = True) -> dict | None:
+    """Every rank's generator states, by rank, on rank 0 (None on the others): a collective that
+    every rank enters at the same step. everyone=False (one rank writes alone, the others are
+    elsewhere): only this rank's, the others' left None."""
+    own = own_rng_state(runtime.device)
+    if not runtime.distributed or not everyone:
+        ranks = [own if r == runtime.rank else None for r in range(runtime.world_size)]
+        return {"world_size": runtime.world_size, "ranks": ranks}
+    ranks = [None] * runtime.world_size if runtime.is_main else None
+    dist.gather_object(own, ranks, dst=0, group=runtime.cpu_group)
+    return {"world_size": runtime.world_size, "ranks": ranks} if runtime.is_main else None
+
+
+def restore_rng_state(saved: dict, runtime, seed: int, global_step: int, log) -> list[int]:
+    """This rank takes the state its rank saved; a rank the checkpoint has none for (a resume on
+    more processes than saved it) gets one from (seed, rank, global_step). The ranks without a
+    saved state, which rank 0 names in the log."""
+    ranks = saved["ranks"] if "ranks" in saved else [_from_rank0_only(saved)]
+    made_up = [r for r in range(runtime.world_size) if r >= len(ranks) or ranks[r] is None]
+    seed_rank(seed, runtime.rank, global_step)
+    own = ranks[runtime.rank] if runtime.rank not in made_up else None
+    if own is not None:
+        torch.set_rng_state(own["torch"])
+        random.setstate(_as_tuple(own["python"]))
+        if "cuda" in own and runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda"], runtime.device)
+    if made_up:
+        log(f"train.py: the checkpoint holds the generator states of {len(ranks) - sum(r is None for r in ranks)} "
+            f"of {runtime.world_size} ranks; rank(s) {', '.join(map(str, made_up))} start theirs from (--seed, rank, "
+            f"step {global_step}): their dropout masks differ from the run that saved it")
+    return made_up
+
+
+def _from_rank0_only(saved: dict) -> dict:
+    """A checkpoint from before per-rank states: rank 0's CPU state, and of its devices' states
+    (it saved one per device it saw) the first, rank 0's own on one node."""
+    state = {"torch": saved["torch"], "python": saved["python"]}
+    if saved.get("cuda"):
+        state["cuda"] = saved["cuda"][0]
+    return state
 
 
 def _as_tuple(x):

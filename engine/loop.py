@@ -36,9 +36,10 @@ class EpochPlan:
     timing_warmup_steps: int = 5
     print_freq: int = 10
     log: Callable[[str], None] = print
-    stop_requested: Callable[[], bool] = lambda: False  # after each step; the same answer on every rank
+    # after each step (True: every rank at once, a blocking agreement); the same answer on every rank
+    stop_requested: Callable[[bool], bool] = lambda blocking=False: False
     watchdog: StepWatchdog = field(default_factory=lambda: StepWatchdog(None))
-    after_step: Callable[[int], None] = lambda next_batch: None  # e.g. a mid-epoch checkpoint
+    after_step: Callable[[int], object] = lambda next_batch: None  # e.g. a mid-epoch checkpoint; truthy if written
     on_window: Callable[[int, dict], None] | None = None  # (global step, the log window's scalars): TensorBoard
     progress: bool = field(default_factory=lambda: sys.stdout.isatty())
 
@@ -83,12 +84,12 @@ def train_one_epoch(step: TrainStep, inputs: DeviceInput, loader, plan: EpochPla
                 raise TrainingDiverged(non_finite_message(plan.epoch, i, nonfinite_now))
             window_nonfinite_start = nonfinite_now
             log_window(plan, i, loss, step, meter.take_window(), bar, skipped_before)
-        if plan.stop_requested():
+        plan.watchdog.fed(plan.epoch, i + 1)
+        if plan.stop_requested(i == plan.skip):  # the first step: at once, a signal during the loader's start
             interrupted = True
             break
-        plan.after_step(i + 1)
-        plan.watchdog.fed(plan.epoch, i + 1)
-    plan.watchdog.pause()  # what follows the epoch (evaluation, checkpoint) may outlast a step by far
+        if plan.after_step(i + 1):  # a checkpoint written: the next step's deadline starts now
+            plan.watchdog.fed(plan.epoch, i + 1)
     batches.close(plan.skip + steps_done)
     if bar is not None:
         bar.close()
@@ -111,9 +112,10 @@ RECORD_ENV = "TRAIN_RECORD_BATCHES"
 
 class BatchRecord:
     """Debugging what a run trained on: with TRAIN_RECORD_BATCHES=DIR, each rank appends one JSON
-    line per step to DIR/rank<R>.jsonl: epoch, step and a digest of each image's pixels (a host
-    sync per step: not for timing). A resumed run on any world size appends to the same files,
-    so the images of each epoch can be compared with an unbroken run's."""
+    line per step to DIR/rank<R>.jsonl: epoch, step, a digest of each image's pixels and one of the
+    rank's CPU generator state (a host sync per step: not for timing). A resumed run on any world
+    size appends to the same files, so each epoch's images (and each rank's generator) can be
+    compared with an unbroken run's."""
 
     def __init__(self, folder: str, runtime: Runtime):
         self.path = os.path.join(folder, f"rank{runtime.rank}.jsonl")
@@ -121,9 +123,15 @@ class BatchRecord:
         os.makedirs(folder, exist_ok=True)
 
     def __call__(self, epoch: int, step: int, images: torch.Tensor):
-        digests = [hashlib.sha1(image.cpu().contiguous().numpy().tobytes()).hexdigest()[:16] for image in images]
+        digests = [digest(image.cpu().contiguous().numpy().tobytes()) for image in images]
+        rng = digest(torch.get_rng_state().numpy().tobytes())  # this rank's generator as the step starts
         with open(self.path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "step": step, "world_size": self.world_size, "images": digests}) + "\n")
+            f.write(json.dumps({"epoch": epoch, "step": step, "world_size": self.world_size, "images": digests,
+                                "rng": rng}) + "\n")
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()[:16]
 
 
 def log_window(plan: EpochPlan, i: int, loss: torch.Tensor, step: TrainStep, window: dict, bar,
@@ -151,17 +159,22 @@ def non_finite_message(epoch: int, step: int, count: int) -> str:
 
 @torch.no_grad()
 def evaluate(model, loader, inputs: DeviceInput, precision: Precision, runtime: Runtime,
-             num_classes: int = 0, flip: bool = False) -> dict:
+             num_classes: int = 0, flip: bool = False, leave: Callable[[], bool] = lambda: False,
+             watchdog: StepWatchdog | None = None, name: str = "evaluation") -> dict:
     """Acc@1 / Acc@5 over every val image once across ranks (counts are summed over ranks).
 
     num_classes > 0 also counts the confusion matrix, returned under "confusion" as a list of rows
     (row: true class, column: top-1 prediction). flip: the logits are the mean of the image's and
-    its mirror image's."""
+    its mirror image's. leave: asked before each batch (engine/stop.StopRequest.poll); a rank that
+    leaves says so in the closing all-reduce, the one collective every rank enters whatever its
+    batch count, and then every rank returns {"interrupted": True}."""
     device = runtime.device
+    watchdog = watchdog or StepWatchdog(None)
+    watchdog.phase(name, long=True)  # the first batch starts the val loader
     model.eval()
-    totals = torch.zeros(4, device=device, dtype=torch.float64)  # top1, top5, images, loss sum
+    totals = torch.zeros(5, device=device, dtype=torch.float64)  # top1, top5, images, loss sum, ranks that left
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
-    for images, labels in loader:
+    for images, labels in _until(loader, leave, totals):
         x = inputs.eval(images)
         with precision.autocast(device):
             logits = model(x).float()
@@ -172,10 +185,27 @@ def evaluate(model, loader, inputs: DeviceInput, precision: Precision, runtime: 
         totals[3] += F.cross_entropy(logits, labels, reduction="sum").to(torch.float64)
         if num_classes:
             confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+        watchdog.progress()
+    watchdog.phase(f"{name}'s closing all-reduce (waiting for every rank)")
     all_reduce_sum(totals)
-    top1, top5, n, loss_sum = totals.tolist()
+    top1, top5, n, loss_sum, left = totals.tolist()
+    if left:
+        return {"interrupted": True}
     n = max(n, 1)
     result = {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss_sum / n, "val_images": int(n)}
     if num_classes:
         result["confusion"] = all_reduce_sum(confusion).view(num_classes, num_classes).tolist()
     return result
+
+
+def _until(loader, leave: Callable[[], bool], totals: torch.Tensor):
+    """The loader's batches until `leave()` says to stop asking for more (marked in totals[4])."""
+    batches = iter(loader)
+    while True:
+        if leave():
+            totals[4] = 1
+            return
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch

@@ -84,7 +84,7 @@ def test_a_resumed_run_keeps_the_momentum_it_was_trained_with():
 
 
 def test_the_chance_note_needs_chance_accuracy_and_a_falling_loss():
-    from train import chance_note
+    from engine.records import chance_note
     first = {"acc1": 20.0, "train_loss": 1.56}
     fallen = {"acc1": 28.0, "train_loss": 1.05}
     note = chance_note([first, fallen], 5, 0.01, 100)
