@@ -25,7 +25,7 @@ from engine.build import (build_augment, build_loaders, build_model, check_data,
 from engine.config import optimizer_config, parse_config, resolution_schedule, schedule_config, to_dict
 from engine.distributed import Runtime
 from engine.faults import LoaderFailed
-from engine.loop import EpochPlan, evaluate, train_one_epoch
+from engine.loop import EpochPlan, evaluate, same_buffers, train_one_epoch
 from engine.metrics import hardware, keep_jsonl, per_class_report, write_json_atomic
 from engine.optim import build_optimizer, current_lr, portable_state_dict
 from engine.precision import Precision
@@ -253,11 +253,11 @@ def train_epochs(run: Run) -> ExitStatus | None:
             return leave(run, epoch, stats["next_batch"], write=True)
         record = epoch_trained(run, epoch, stats)
         save(run, epoch + 1, 0, pending=record)  # before evaluation: a stop from here on loses nothing
-        if stats["interrupted"] or run.stop.now():  # agreed on the last steps, or during the checkpoint
+        if stats["interrupted"] or stop_agreed(run):  # agreed on the last steps, or during the checkpoint
             return leave(run, epoch + 1, 0, pending=True)
         if (left := evaluate_epoch(run, epoch, record)) is not None:
             return left
-        if epoch + 1 < run.args.epochs and run.stop.now():  # during the records, before the next loader starts
+        if epoch + 1 < run.args.epochs and stop_agreed(run):  # during the records, before the next loader starts
             return leave(run, epoch + 1, 0)
     return None
 
@@ -305,10 +305,13 @@ def loader_failed(run: Run, epoch: int, e: LoaderFailed) -> LoaderError:
 
 def epoch_trained(run: Run, epoch: int, stats: dict) -> dict:
     """The epoch's record as far as training goes (evaluation adds its part), once the weights are
-    known to be finite: a diverged run keeps its last good checkpoint."""
+    known to be finite (a diverged run keeps its last good checkpoint) and every rank holds the
+    buffers the checkpoint will."""
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         raise TrainingDiverged("train.py: the weights are no longer finite: stopping; the last good "
                                "checkpoint is untouched")
+    run.watchdog.phase(f"epoch {epoch + 1}'s end (rank 0's buffers to every rank)")
+    same_buffers(run.model, *([run.ema] if run.ema is not None else []))
     run.timed_images += stats["timed_images"]
     run.timed_s += stats["timed_wall_s"] if stats["timed_images"] else 0.0
     return {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "imgs_per_s", "data_wait_frac",
@@ -326,7 +329,7 @@ def evaluate_epoch(run: Run, epoch: int, record: dict) -> ExitStatus | None:
         val = evaluate(model, run.val_loader, run.inputs, run.precision, run.runtime, flip=args.eval_flip,
                        leave=run.stop.poll, watchdog=run.watchdog, name=f"epoch {epoch + 1}'s {prefix}evaluation")
         if val.get("interrupted"):
-            run.stop.now()  # every rank learns the signal: a rank that left had it or set the store's key
+            stop_agreed(run)  # every rank learns the signal: a rank that left had it or set the store's key
             return leave(run, epoch + 1, 0, pending=True)
         record = {**record, **({"ema_acc1": val["acc1"]} if prefix else val)}
     record["epoch_wall_s"] += time.perf_counter() - start_s
@@ -361,6 +364,11 @@ def save(run: Run, epochs_done: int, next_batch: int, everyone: bool = True, ret
         run.watchdog.phase(f"the checkpoint at epoch {epochs_done + 1} batch {next_batch} (writing it)", long=True)
         ckpt.save_atomic(state, run.out_dir / ckpt.CHECKPOINT)
     return True if returns else state
+
+
+def stop_agreed(run: Run) -> bool:
+    run.watchdog.phase("the stop agreement (waiting for every rank)")
+    return run.stop.now()
 
 
 def leave(run: Run, epochs_done: int, next_batch: int, write: bool = False, pending: bool = False) -> ExitStatus:

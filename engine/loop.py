@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from core.errors import TrainingDiverged
@@ -196,6 +197,17 @@ def evaluate(model, loader, inputs: DeviceInput, precision: Precision, runtime: 
     if num_classes:
         result["confusion"] = all_reduce_sum(confusion).view(num_classes, num_classes).tolist()
     return result
+
+
+def same_buffers(*modules: torch.nn.Module):
+    """Rank 0's buffers (BatchNorm running statistics, the EMA's count) on every rank. DDP sends
+    rank 0's at the start of each forward, so after an epoch's last step each rank holds its own;
+    evaluated then, rank r's share of the val images would see statistics that no checkpoint holds,
+    and a resumed run (every rank loads rank 0's) would report other numbers."""
+    if dist.is_initialized():
+        for module in modules:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def _until(loader, leave: Callable[[], bool], totals: torch.Tensor):

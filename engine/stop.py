@@ -140,7 +140,7 @@ class StepWatchdog:
     None as timeout: no thread, every call a no-op. `close` ends the watch (the run is over)."""
 
     def __init__(self, timeout_s: float | None, rank: int = 0):
-        self.timeout_s, self.rank = timeout_s and 0.95 * timeout_s, rank
+        self.timeout_s, self.rank = timeout_s and 0.9 * timeout_s, rank
         self.long_s = timeout_s and LONG_PHASE * timeout_s
         self.state = None  # (phase, deadline_s, last progress): one tuple, so the thread reads one phase's
         self.closed = threading.Event()
@@ -162,7 +162,7 @@ class StepWatchdog:
         self.closed.set()
 
     def _watch(self):
-        while not self.closed.wait(min(1.0, self.timeout_s / 20)):
+        while not self.closed.wait(min(1.0, self.timeout_s / 50)):
             state = self.state
             if state is not None and time.monotonic() - state[2] > state[1]:
                 where, deadline_s = state[:2]

@@ -8,6 +8,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,13 @@ def rank_tracebacks(output: str) -> int:
     return output.count("Traceback (most recent call last)") - sum(output.count(e + ":") for e in TORCHRUN_ERRORS)
 
 
+def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{path} never written"
+        time.sleep(0.02)
+
+
 def checkpoint(out: Path) -> dict:
     return torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
 
@@ -74,11 +83,26 @@ def trained_images(folder: Path) -> dict:
     return dict(steps)
 
 
+def generator_states(folder: Path) -> dict:
+    """{(rank file, epoch, step): digest of that rank's CPU generator as the step started}."""
+    return {(path.name, row["epoch"], row["step"]): row["rng"] for path in folder.glob("rank*.jsonl")
+            for row in map(json.loads, path.read_text().splitlines())}
+
+
+def same_lines(a: Path, b: Path):
+    """metrics.jsonl of two runs, but for the timings."""
+    keep = ("epoch", "train_loss", "steps", "acc1", "acc5", "val_loss", "val_images", "lr", "res_px")
+    lines = [[{k: r[k] for k in keep} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+             for run in (a, b)]
+    assert lines[0] == lines[1] and len(lines[0]) == 2
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """4 classes, 12 train + 2 val images each."""
+    """4 classes, 12 train + 50 val images each: an evaluation of 50 batches per rank, seconds on the
+    CPU, long enough to be signalled or stalled in."""
     return make_sample(tmp_path_factory.mktemp("cluster_sample"), num_classes=4, train_per_class=12,
-                       val_per_class=2, oddities=False, quiet=True)
+                       val_per_class=50, oddities=False, quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +116,8 @@ def unbroken(data, tmp_path_factory) -> Path:
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_continues_bitwise(data, unbroken, tmp_path):
     args = ["--data", str(data), *ARGS]
-    proc = launch(args, tmp_path, nproc=2)
+    record = {"TRAIN_RECORD_BATCHES": str(tmp_path / "batches")}
+    proc = launch(args, tmp_path, nproc=2, env=record)
     head = read_until(proc, r"epoch 1 step 3/12")
     proc.send_signal(signal.SIGTERM)  # what Slurm and Kubernetes send first; torchrun forwards it to both ranks
     output = head + proc.communicate(timeout=120)[0]
@@ -103,9 +128,14 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_continues_
     assert state["epoch"] == 0 and 0 < state["next_batch"] < 12 and state["next_batch"] == int(saved[0])
     assert (state["global_step"], state["samples_seen"], state["world_size"]) == (
         state["next_batch"], 4 * state["next_batch"], 2)
-    resumed = ok(run_train(args, tmp_path, torchrun_nproc=2))  # the same command
+    assert [r is not None for r in state["rng"]["ranks"]] == [True, True]  # each rank's own generator states
+    resumed = ok(run_train(args, tmp_path, torchrun_nproc=2, env=record))  # the same command
     assert f"resumed from {tmp_path / 'checkpoint.pth'}: epoch 1, batch {state['next_batch']}" in resumed.stdout
     assert_same_weights(unbroken / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    # each rank's generator, step by step, before the stop and after the resume: the unbroken run's
+    got, want = generator_states(tmp_path / "batches"), generator_states(unbroken / "batches")
+    assert got == want and len(want) == 48
+    assert want["rank0.jsonl", 1, 0] != want["rank1.jsonl", 1, 0]  # dropout masks differ between ranks
 
 
 def test_a_run_stopped_on_two_processes_continues_on_one_with_the_same_images(data, unbroken, tmp_path):
@@ -125,6 +155,9 @@ def test_a_run_stopped_on_two_processes_continues_on_one_with_the_same_images(da
     got, want = trained_images(tmp_path / "batches"), trained_images(unbroken / "batches")
     assert got == want  # each global step of each epoch: the same images, each once
     assert len(want) == 24 and all(sum(c.values()) == 4 for c in want.values())
+    # the one process continues from rank 0's saved generator state, not from a fresh seed
+    first = ("rank0.jsonl", 1, state["next_batch"])
+    assert generator_states(tmp_path / "batches")[first] == generator_states(unbroken / "batches")[first]
 
 
 def test_a_stalled_rank_is_caught_named_and_the_group_restarts_from_the_checkpoint(data, tmp_path):
@@ -136,10 +169,63 @@ def test_a_stalled_rank_is_caught_named_and_the_group_restarts_from_the_checkpoi
     output = head + proc.communicate(timeout=400)[0]
     print(output)  # pytest shows it when an assertion fails
     assert proc.returncode == 0, output[-3000:]
-    assert re.search(r"rank 0: no step completed for \d+ s after epoch 1 step \d+ \(--dist-timeout\)", output), \
-        output[-3000:]
+    assert re.search(r"rank 0: no progress for \d+ s in training, after epoch 1 step \d+ \(--dist-timeout\)",
+                     output), output[-3000:]
     assert "(most recent call first)" in output  # faulthandler's dump of every thread of rank 0
     assert "resumed from" in output and checkpoint(tmp_path)["epoch"] == 2
+
+
+def test_sigterm_during_evaluation_leaves_at_the_epochs_checkpoint_and_the_run_continues_bitwise(
+        data, unbroken, tmp_path):
+    """The epoch's checkpoint is written before its evaluation. SIGTERM to every rank (as Slurm
+    sends it) once it is there: each rank leaves evaluation at its own batch, exit status 75 within
+    seconds, no metrics line for the epoch; the same command evaluates that epoch first, then
+    continues to the unbroken run's weights, metrics lines and generator states."""
+    args = ["--data", str(data), *ARGS]  # --checkpoint-every 0: the first checkpoint is epoch 1's end
+    record = {"TRAIN_RECORD_BATCHES": str(tmp_path / "batches")}
+    proc = launch(args, tmp_path, nproc=2, env=record)
+    wait_for(tmp_path / "checkpoint.pth", proc)
+    workers = ranks(proc)
+    signalled_s = time.monotonic()
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    psutil.wait_procs(workers, timeout=120)
+    print(f"stop latency: {time.monotonic() - signalled_s:.1f} s from SIGTERM to both ranks' exit")  # pytest -s
+    output = proc.communicate(timeout=120)[0]
+    assert re.findall(r"exitcode\s*: (\d+)", output) == ["75", "75"], output[-3000:]
+    assert "SIGTERM: saved" in output and "at epoch 2 batch 0 (epoch 1 evaluates when it continues)" in output
+    assert rank_tracebacks(output) == 0, output[-3000:]
+    state = checkpoint(tmp_path)
+    assert (state["epoch"], state["next_batch"], state["pending"]["epoch"]) == (1, 0, 1)
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
+    resumed = ok(run_train(args, tmp_path, torchrun_nproc=2, env=record))
+    assert "epoch 2, batch 0; epoch 1's evaluation first" in resumed.stdout
+    assert_same_weights(unbroken / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    same_lines(unbroken, tmp_path)
+    assert generator_states(tmp_path / "batches") == generator_states(unbroken / "batches")
+
+
+def test_a_rank_stalled_after_the_epochs_checkpoint_is_caught_and_named(data, tmp_path):
+    """SIGSTOP to rank 1 once the epoch's checkpoint is written (it is then agreeing on a stop or
+    evaluating): rank 0 waits in a phase with a deadline, dumps its stacks, names itself and the
+    phase and exits 124, instead of waiting on the stalled peer."""
+    args = ["--data", str(data), *ARGS, "--dist-timeout", "0.25"]  # 15 s: deadlines of 13.5 s
+    proc = launch(args, tmp_path, nproc=2)
+    wait_for(tmp_path / "checkpoint.pth", proc)
+    everyone = [psutil.Process(proc.pid), *ranks(proc)]
+    stalled = everyone[2]
+    stalled.send_signal(signal.SIGSTOP)
+    guard = threading.Timer(240, lambda: [p.kill() for p in everyone if p.is_running()])  # a hang fails, not waits
+    guard.start()
+    try:
+        head = read_until(proc, r"rank 0: no progress for \d+ s in ")
+    finally:
+        stalled.kill()  # SIGKILL ends a stopped process; torchrun then ends the group
+        guard.cancel()
+    output = head + proc.communicate(timeout=120)[0]
+    assert re.search(r"rank 0: no progress for \d+ s in (epoch 1's evaluation|the stop agreement)", output), \
+        output[-3000:]
+    assert "(most recent call first)" in output and re.search(r"exitcode\s*: 124", output), output[-3000:]
 
 
 def test_a_mid_epoch_checkpoint_with_another_global_batch_is_refused_naming_both():
