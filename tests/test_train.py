@@ -128,7 +128,7 @@ def test_the_timm_recipe_matches_timms_published_settings():
         "randaugment", 27, 1.5, 0.2, "pixel")
     assert schedule_config(a).lr_at(3 * 100, 0.064, 100) == 0.064  # warm-up over, no decay yet
     # The trainer hands the recipe's model and augmentation settings on.
-    from train import build_augment, build_model
+    from engine.build import build_augment, build_model
     net = build_model(a, 10, torch.device("cpu"), log=lambda msg: None)
     drops = [m.p for m in net.modules() if type(m).__name__ == "DropPath"]
     assert max(drops) == pytest.approx(0.2 * 14 / 16) and len(drops) == 9  # residual bnecks after the first
@@ -145,6 +145,60 @@ def test_weight_decay_skips_norm_layers_and_biases():
                      if isinstance(m, torch.nn.BatchNorm2d) or name == "bias"}
     assert {id(p) for p in no_decay["params"]} == norm_and_bias
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+def test_each_ranks_generator_state_round_trips_and_a_rank_the_checkpoint_lacks_gets_its_own(tmp_path):
+    import random
+
+    from engine import checkpoint as ckpt
+    from engine.distributed import Runtime
+    cpu = torch.device("cpu")
+    ckpt.seed_rank(7, 0)
+    torch.save(ckpt.gather_rng_state(Runtime(cpu)), tmp_path / "rng.pth")
+    want = torch.rand(3), random.random()
+    saved = torch.load(tmp_path / "rng.pth", weights_only=True)  # as a checkpoint is read back
+    ckpt.seed_rank(8, 0)
+    lines = []
+    assert ckpt.restore_rng_state(saved, Runtime(cpu, rank=0, world_size=2), 7, 10, lines.append) == [1]
+    got = torch.rand(3), random.random()
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+    assert "holds the generator states of 1 of 2 ranks; rank(s) 1 start theirs from (--seed, rank, step 10)" \
+        in lines[0]
+    ckpt.restore_rng_state(saved, Runtime(cpu, rank=1, world_size=2), 7, 10, lines.append)
+    rank1 = torch.rand(3)
+    ckpt.seed_rank(7, 1)
+    assert not torch.equal(rank1, want[0]) and not torch.equal(rank1, torch.rand(3))  # its own, not the start's
+    legacy = {"torch": saved["ranks"][0]["torch"], "python": saved["ranks"][0]["python"]}  # rank 0's only, as before
+    ckpt.restore_rng_state(legacy, Runtime(cpu), 7, 10, lines.append)
+    assert torch.equal(torch.rand(3), want[0])
+
+
+RNG_ROUND_TRIP = """
+import sys, torch
+from engine import checkpoint as ckpt
+from engine.distributed import Runtime
+runtime = Runtime(torch.device("cuda", 0))
+if sys.argv[1] == "save":
+    ckpt.seed_rank(7, 0)
+    torch.save(ckpt.gather_rng_state(runtime), sys.argv[2])
+else:
+    ckpt.seed_rank(9, 0)
+    ckpt.restore_rng_state(torch.load(sys.argv[2], weights_only=True), runtime, 7, 0, print)
+print(torch.rand(4, device="cuda").tolist())
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_checkpoint_resumes_in_a_process_that_sees_fewer_devices(tmp_path):
+    """Saved by a process that sees every GPU, restored by one that sees one: each rank keeps its
+    own device's state only, so nothing is indexed past the devices there are."""
+    def python(mode: str, env: dict) -> str:
+        proc = subprocess.run([sys.executable, "-c", RNG_ROUND_TRIP, mode, str(tmp_path / "rng.pth")], cwd=REPO,
+                              capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip().splitlines()[-1]
+    assert python("save", {}) == python("restore", {"CUDA_VISIBLE_DEVICES": "0"})
 
 
 # -- end to end --------------------------------------------------------------------------------
