@@ -228,6 +228,29 @@ def test_a_rank_stalled_after_the_epochs_checkpoint_is_caught_and_named(data, tm
     assert "(most recent call first)" in output and re.search(r"exitcode\s*: 124", output), output[-3000:]
 
 
+def test_a_stop_one_rank_gets_during_evaluation_reaches_the_others_through_the_store():
+    """StopRequest.poll, as evaluation asks it before each batch: the signalled rank sets a key in
+    the group's store (a real TCPStore on 127.0.0.1), the other reads it within POLL_S; no
+    collective, so ranks at different val batches both leave."""
+    import torch.distributed as dist
+
+    from engine.stop import POLL_S, STOP_SIGNALS, StopRequest
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    server = dist.TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", server.port, world_size=2, is_master=False)
+    try:
+        other = StopRequest(store=client)
+        signalled = StopRequest(store=server)  # the handler now installed is this one's
+        assert not other.poll() and not signalled.poll()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signalled.poll() and not other.local
+        time.sleep(POLL_S)
+        assert other.poll()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def test_a_mid_epoch_checkpoint_with_another_global_batch_is_refused_naming_both():
     state = {"epoch": 0, "next_batch": 5, "global_batch": 8, "samples_seen": 40}
     with pytest.raises(CheckpointError, match=r"global batch 8, and --batch_size is 16 here: resume with "
