@@ -35,20 +35,6 @@ from engine.stop import EXIT_INTERRUPTED, StepWatchdog, StopRequest
 from model.mobilenetv3 import BN_MOMENTUM, auto_bn_momentum, get_bn_eps, set_bn_eps, set_bn_momentum
 
 
-def evaluate_only(args, model, val_loader, inputs, precision, runtime, val_res: list[int], log) -> dict:
-    """--evaluate: one Acc@1 line per val resolution; the result of the first, with the others
-    under "by_resolution" and its confusion matrix."""
-    results = []
-    for px in val_res:
-        val_loader.set_resolution(px)
-        result = evaluate(model, val_loader, inputs, precision, runtime, num_classes=len(val_loader.classes),
-                          flip=args.eval_flip)
-        log(f"Acc@1 {result['acc1']:.3f}  Acc@5 {result['acc5']:.3f}  ({result['val_images']} images at {px} px"
-            f"{', with flips' if args.eval_flip else ''})")
-        results.append({"val_res": px, "eval_flip": args.eval_flip, **result})
-    return {**results[0], "by_resolution": [{k: v for k, v in r.items() if k != "confusion"} for r in results]}
-
-
 def bn_momentum_for(args, total_steps: int, state: dict | None, log) -> float:
     """The BatchNorm momentum this run trains with: --bn-momentum's number, else (auto) the one a
     resumed run was trained with, so that it continues exactly as it began (a checkpoint from before
@@ -75,8 +61,10 @@ def main(argv=None):
     if args.evaluate:
         return evaluate_weights(run)
     if not start_training(run):  # the output folder holds this run, finished
-        return close(run) or {}
-    left = train_epochs(run)
+        close(run)
+        return {}
+    left = train_epochs(run)  # each epoch: steps, its checkpoint, evaluation, records; or a stop
+
     return left if left is not None else finish(run)
 
 
@@ -195,14 +183,23 @@ def take_checkpoint(run: Run, state: dict):
 
 
 def evaluate_weights(run: Run) -> dict:
-    """--evaluate: the checkpoint's or --pretrained weights on the val split; eval.json."""
-    if not (run.resumed or run.args.pretrained):
+    """--evaluate: the checkpoint's or --pretrained weights, one Acc@1 line per val resolution;
+    eval.json holds the first's result, its confusion report, the others under "by_resolution"."""
+    args = run.args
+    if not (run.resumed or args.pretrained):
         raise CheckpointError("--evaluate needs weights: pass --resume CHECKPOINT or --pretrained FILE")
-    result = evaluate_only(run.args, run.model, run.val_loader, run.inputs, run.precision, run.runtime,
-                           run.val_res, run.log)
+    results = []
+    for px in run.val_res:
+        run.val_loader.set_resolution(px)
+        result = evaluate(run.model, run.val_loader, run.inputs, run.precision, run.runtime,
+                          num_classes=len(run.classes), flip=args.eval_flip, watchdog=run.watchdog)
+        run.log(f"Acc@1 {result['acc1']:.3f}  Acc@5 {result['acc5']:.3f}  ({result['val_images']} images at {px} px"
+                f"{', with flips' if args.eval_flip else ''})")
+        results.append({"val_res": px, "eval_flip": args.eval_flip, **result})
+    result = {**results[0], "by_resolution": [{k: v for k, v in r.items() if k != "confusion"} for r in results]}
     if run.runtime.is_main:
         report = per_class_report(result.pop("confusion"), run.classes)
-        write_json_atomic({**result, "weights": str(run.resumed or run.args.pretrained), **report},
+        write_json_atomic({**result, "weights": str(run.resumed or args.pretrained), **report},
                           run.out_dir / "eval.json")
     close(run)
     return result
@@ -273,7 +270,10 @@ def train_epoch(run: Run, epoch: int) -> dict:
     schedule = schedule_config(args)
 
     def after_step(next_batch: int) -> bool:
-        return run.stop.save_due and next_batch < steps and save(run, epoch, next_batch, returns=True)
+        if not (run.stop.save_due and next_batch < steps):  # the epoch's last step: its own checkpoint follows
+            return False
+        save(run, epoch, next_batch)
+        return True
     plan = EpochPlan(epoch=epoch + 1, first_step=epoch * steps, steps=steps, skip=run.skip,
                      lr_at=lambda s: schedule.lr_at(s, args.learning_rate, steps),
                      timing_warmup_steps=min(args.warmup_steps_timing, max(0, steps - run.skip - 1)),
@@ -345,11 +345,11 @@ def evaluate_epoch(run: Run, epoch: int, record: dict) -> ExitStatus | None:
     return None
 
 
-def save(run: Run, epochs_done: int, next_batch: int, everyone: bool = True, returns: bool = False, **extra):
+def save(run: Run, epochs_done: int, next_batch: int, everyone: bool = True, **extra) -> dict | None:
     """checkpoint.pth at a step boundary: `epochs_done` epochs and `next_batch` batches of the next
     trained, with every rank's generator states that continue from exactly there. Every rank calls
     it at the same step (the states are gathered; everyone=False: one rank alone); rank 0 writes
-    and gets the state back (returns: True on every rank)."""
+    and gets the state back."""
     run.watchdog.phase(f"the checkpoint at epoch {epochs_done + 1} batch {next_batch} (gathering generator states)")
     rng = ckpt.gather_rng_state(run.runtime, everyone)
     run.stop.interval.restart()
@@ -363,7 +363,7 @@ def save(run: Run, epochs_done: int, next_batch: int, everyone: bool = True, ret
                                      run.runtime.world_size))
         run.watchdog.phase(f"the checkpoint at epoch {epochs_done + 1} batch {next_batch} (writing it)", long=True)
         ckpt.save_atomic(state, run.out_dir / ckpt.CHECKPOINT)
-    return True if returns else state
+    return state
 
 
 def stop_agreed(run: Run) -> bool:

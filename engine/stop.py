@@ -9,7 +9,7 @@ three ways, by where they are:
   since arrived: no host synchronisation in the hot loop, and every rank reads the same value
   after the same step, so all stop at one step boundary, within 2 x CHECK_EVERY_STEPS steps;
 - between phases (an epoch's first step, its checkpoint, before the next loader starts):
-  `now()`, one blocking all-reduce that every rank enters at the same point, a few a epoch;
+  `now()`, one blocking all-reduce that every rank enters at the same point, a few an epoch;
 - evaluation, where ranks may run different numbers of batches and a per-batch collective would
   hang: `poll()`, this rank's own flag, or a key that a signalled rank sets in the process
   group's store, read at most every POLL_S. Each rank leaves at its own batch and the ranks meet
