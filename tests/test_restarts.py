@@ -2,6 +2,7 @@
 A rank that dies before it joins the group does not keep the restarted group apart; the launch
 scripts pass SIGTERM and SIGUSR1 on to every rank and exit 75 at the checkpoint, leaving no rank
 behind."""
+import json
 import os
 import signal
 import subprocess
@@ -13,17 +14,17 @@ import psutil
 import pytest
 
 from test_cluster import ARGS, checkpoint, data, launch  # noqa: F401  (data: a fixture)
-from test_train import REPO
+from test_train import REPO, TINY
 
 
 def finish(proc: subprocess.Popen, timeout_s: float) -> str:
     """The output of a torchrun that must end within timeout_s; one that does not is ended with
     its ranks (in sessions of their own, they would outlive it) and the test fails."""
     try:
-        return proc.communicate(timeout=timeout_s)[0]
+        return proc.communicate(timeout=timeout_s)[0] or ""
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
-        raise AssertionError(f"still running after {timeout_s} s:\n" + proc.communicate()[0][-4000:]) from None
+        raise AssertionError(f"still running after {timeout_s} s:\n" + (proc.communicate()[0] or "")[-4000:]) from None
 
 
 def kill_tree(pid: int):
@@ -131,3 +132,42 @@ def test_a_stop_signal_to_the_launch_script_reaches_every_rank_and_exits_75(data
     assert f"{signum.name}: saved" in output and "stopped at a checkpoint" in output
     state = checkpoint(tmp_path / "run")
     assert state["world_size"] == 2 and (state["epoch"], state["next_batch"]) < (4, 0)
+
+
+def test_an_elastic_group_that_loses_a_node_forms_again_smaller_and_finishes(data, tmp_path):
+    """Three torchrun agents (c10d, --nnodes=2:3, 1 process each) as three nodes; one node, neither
+    the rendezvous' host nor rank 0's, is killed with its worker mid-epoch: the two left form a
+    group of 2 (the attempt's store announced afresh, the 3-rank attempt's announcement refused)
+    and resume on 2 processes from the checkpoint written on 3."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--data", str(data), *ARGS[:2], "--deterministic", "--batch_size", "6", "--epochs", "2",
+            "--checkpoint-every", "1"]
+    logs = [tmp_path / f"node{n}.log" for n in range(3)]
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2:3", "--nproc_per_node=1", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test", "--rdzv-conf=last_call_timeout=2",
+         "--max-restarts=1", str(REPO / "train.py"), *TINY, "--output-dir", str(tmp_path / "run"), *args],
+        cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}) for log in logs]
+    try:
+        wait_for(lambda: any("epoch 1 step 3/8" in log.read_text() for log in logs), "third step", 300, 0.2)
+
+        def leaf(agent) -> bool:  # its worker is not rank 0 and it does not host the rendezvous
+            listens = any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                          for c in psutil.Process(agent.pid).net_connections("tcp"))
+            return started_ranks(agent) and started_ranks(agent)[0].environ()["RANK"] != "0" and not listens
+        victim = next(a for a in agents if leaf(a))
+        kill_tree(victim.pid)
+        survivors = [a for a in agents if a is not victim]
+        for agent in survivors:
+            finish(agent, 400)
+    finally:
+        for agent in agents:
+            kill_tree(agent.pid)
+    outputs = "".join(log.read_text() for log in logs)
+    assert [a.returncode for a in survivors] == [0, 0], outputs[-6000:]
+    assert "saved on 3 process(es), continued on 2" in outputs
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
