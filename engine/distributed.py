@@ -112,7 +112,7 @@ def _attempt_store(rank: int, world_size: int, timeout) -> dist.Store:
     a free one on rank 0's node, as gloo's and NCCL's own are."""
     timeout = timeout or datetime.timedelta(minutes=30)
     agent_store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-    host = os.environ["MASTER_ADDR"]  # rank 0's node: torchrun's store is hosted there (set by env://)
+    host = os.environ["MASTER_ADDR"]  # rank 0's node, where torchrun hosts its store (env:// required it)
     if rank == 0:
         store = dist.TCPStore(host, 0, None, is_master=True, timeout=timeout, wait_for_workers=False)
         nonce = secrets.token_hex(8)

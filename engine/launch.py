@@ -39,9 +39,11 @@ class _PassOn:
 
     def __init__(self, shutdown_s: float):
         self.shutdown_s, self.signum, self.exit_codes = shutdown_s, None, []
+        self.agent_running = False  # outside torchrun's run there are no ranks and nothing to end
 
     def __call__(self, signum, frame):
-        if self.signum is not None:  # again (Slurm signals every process, the launch script passes it on too)
+        # Once: Slurm signals every process, and the launch script passes the signal on as well.
+        if self.signum is not None or not self.agent_running:
             return
         self.signum = signum
         ranks = _ranks()
@@ -102,6 +104,7 @@ def main(argv=None):
     for signum in STOP_SIGNALS:
         signal.signal(signum, pass_on)
     try:
+        pass_on.agent_running = True
         run(args)
     except SignalException:
         if pass_on.signum is None:  # SIGINT, SIGHUP, SIGQUIT: torchrun's, reported as torchrun does
@@ -111,6 +114,8 @@ def main(argv=None):
         if any(f.exitcode != EXIT_INTERRUPTED for f in e.failures.values()):
             raise
         return ExitStatus(EXIT_INTERRUPTED)
+    finally:
+        pass_on.agent_running = False
     return None
 
 
