@@ -5,6 +5,9 @@ The same command runs on one CPU, one GPU/NPU, or N of them under torchrun.
 import contextlib
 import datetime
 import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -92,16 +95,58 @@ def setup(requested: str = "auto", device_id: int | None = None, deterministic: 
 
 
 def _attempt_store(rank: int, world_size: int, timeout) -> dist.Store:
-    """torchrun's store, its keys prefixed by the attempt. torchrun's agents share one store across
-    rendezvous rounds: after `--max-restarts` restarts the group, the new ranks would read the
-    gloo addresses the dead attempt published under the same keys and fail ('Connection
-    refused'). The agents' restart counts differ between nodes (a node whose worker did not fail
-    restarts without counting), so the attempt is counted in the store itself: each rank adds 1
-    as it starts, and every rank of one attempt gets a count in the same block of world_size
-    (one counter per world size: an elastic group that changes size starts a new one)."""
-    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout or datetime.timedelta(minutes=30)))
-    attempt = (store.add(f"train.py/ranks_started/world{world_size}", 1) - 1) // world_size
-    return dist.PrefixStore(f"world{world_size}/attempt{attempt}/", store)
+    """A store of this attempt alone, for the process group: rank 0 hosts a fresh TCPStore on a
+    free port and publishes its address and a random nonce in torchrun's store; the other ranks
+    connect to it. torchrun's agents keep one store across restarts, so its keys still hold what
+    the dead attempt wrote (gloo's addresses: a restarted group reading them fails with 'Connection
+    refused'), and no count kept there can tell the attempts apart: a rank that dies before it
+    adds (an import error, OOM, killed during the restart) leaves every later attempt split over
+    two counts, each waiting --dist-timeout. A fresh store has no old keys, and needs no count.
+
+    The address a rank reads may still be the dead attempt's, until rank 0 of this one has
+    published: it is taken only when something listens there and the store there holds the
+    nonce read with it (a reused port gives another nonce), else read again. The rank 0 that
+    wrote it is gone by then: torchrun stops every worker of a group, on every node, before it
+    starts the next. Works for any number of nodes and for an elastic group that changes size:
+    whoever is rank 0 now publishes; what was there before is refused the same way. The port is
+    a free one on rank 0's node, as gloo's and NCCL's own are."""
+    timeout = timeout or datetime.timedelta(minutes=30)
+    agent_store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    host = os.environ["MASTER_ADDR"]  # rank 0's node, where torchrun hosts its store (env:// required it)
+    if rank == 0:
+        store = dist.TCPStore(host, 0, None, is_master=True, timeout=timeout, wait_for_workers=False)
+        nonce = secrets.token_hex(8)
+        store.set(_NONCE_KEY, nonce)
+        agent_store.set(_ADDRESS_KEY, f"{store.port} {nonce}")
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        port, nonce = agent_store.get(_ADDRESS_KEY).decode().split()  # waits for the first attempt's rank 0
+        store = _connect(host, int(port), nonce, timeout)
+        if store is not None:
+            return store
+        if time.monotonic() > deadline:
+            raise dist.DistStoreError(f"rank {rank}: rank 0 published no store for this attempt within "
+                                      f"{timeout.total_seconds():.0f} s (--dist-timeout): it failed to start")
+        time.sleep(0.1)
+
+
+_ADDRESS_KEY = "train.py/attempt_store"  # in torchrun's store: "PORT NONCE" of the latest attempt's
+_NONCE_KEY = "train.py/nonce"  # in the attempt's store
+
+
+def _connect(host: str, port: int, nonce: str, timeout) -> dist.Store | None:
+    """A client of the store at host:port when it is the one that `nonce` names; None when that
+    store is gone (a dead attempt's) or another's."""
+    try:  # a plain socket first: TCPStore would retry a closed port for seconds, logging each try
+        socket.create_connection((host, port), timeout=5).close()
+        store = dist.TCPStore(host, port, None, is_master=False, timeout=datetime.timedelta(seconds=10))
+        if store.check([_NONCE_KEY]) and store.get(_NONCE_KEY).decode() == nonce:
+            store.set_timeout(timeout)
+            return store
+    except (OSError, dist.DistError):
+        pass
+    return None
 
 
 def wrap_ddp(model: torch.nn.Module, runtime: Runtime, graph_stream=None) -> torch.nn.Module:
