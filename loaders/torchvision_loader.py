@@ -34,6 +34,7 @@ from loaders.common import (LoaderSpec, check_resolution, check_start_step, epoc
                             num_batches, pin_if_useful, timed_epoch, to_device, use_shards, val_resize_px)
 from loaders.crops import crop_flip_boxes
 from loaders.device_decode import DECODER, DeviceStage, decode_error, decode_image, jpeg_header, prefetch
+from loaders.files import OpenFiles, file_sizes, read_files, read_into
 
 
 class _RandomResizedCropFlip:
@@ -152,16 +153,6 @@ class _Images(Dataset):
             raise LoaderError(f"{self.name(index)}: cannot decode it ({decode_error(e)})") from None
 
 
-def _read_into(fd: int, view: memoryview, at: int):
-    """Fill `view` from file `fd` at offset `at` (os.preadv: one call, no seek, straight into the batch)."""
-    got = os.preadv(fd, [view], at)
-    while got < len(view):  # a short read (rare: signals, network file systems) continues
-        more = os.preadv(fd, [view[got:]], at + got)
-        if more == 0:
-            raise LoaderError(f"file descriptor {fd}: the file ended {len(view) - got} bytes early")
-        got += more
-
-
 class _FolderImages(_Images):
     def __init__(self, paths, labels, transform, seed: int):
         super().__init__(transform, seed)
@@ -171,18 +162,13 @@ class _FolderImages(_Images):
         return len(self.paths)
 
     def read_batch(self, indices: np.ndarray):
-        """(the files' bytes back to back, sizes, labels, good): every file is good."""
-        fds = [os.open(self.paths[i], os.O_RDONLY) for i in indices.tolist()]
-        try:
-            sizes = np.array([os.fstat(fd).st_size for fd in fds], dtype=np.int64)
-            blob = torch.empty(int(sizes.sum()), dtype=torch.uint8)
-            view, at = memoryview(blob.numpy()), 0
-            for fd, n in zip(fds, sizes.tolist()):
-                _read_into(fd, view[at:at + n], 0)
-                at += n
-        finally:
-            for fd in fds:
-                os.close(fd)
+        """(the files' bytes back to back, sizes, labels, good): every file is good. The sizes come
+        from stat, so each file is opened only while it is read: one descriptor per reader thread,
+        whatever the batch size (loaders/files.py)."""
+        paths = [self.paths[i] for i in indices.tolist()]
+        sizes = file_sizes(paths)
+        blob = torch.empty(int(sizes.sum()), dtype=torch.uint8)
+        read_files(paths, sizes, memoryview(blob.numpy()))
         return blob, sizes, self.labels[indices], np.ones(len(indices), dtype=bool)
 
     def name(self, index) -> str:
@@ -198,7 +184,7 @@ class _ShardImages(_Images):
         self.rows = shards.samples()  # tar, jpg offset, jpg size, cls offset, cls size
         self.crcs = shards.sample_checksums()  # None for shards written before checksums existed
         self.shards, self.names = shards, None
-        self.fds = {}  # per process: open tar files
+        self.files = OpenFiles(self.tars)  # per process, at most MAX_OPEN_FILES open at once
 
     def __len__(self):
         return len(self.rows)
@@ -212,10 +198,10 @@ class _ShardImages(_Images):
         view, at = memoryview(blob.numpy()), 0
         labels, good = np.empty(len(rows), dtype=np.int64), np.ones(len(rows), dtype=bool)
         for k, (tar, jpg_at, jpg_size, cls_at, cls_size) in enumerate(rows.tolist()):
-            fd = self._fd(tar)
             jpg = view[at:at + jpg_size]
-            _read_into(fd, jpg, jpg_at)
-            cls = os.pread(fd, cls_size, cls_at)
+            with self.files.open(tar) as fd:
+                read_into(fd, jpg, jpg_at, self.tars[tar])
+                cls = os.pread(fd, cls_size, cls_at)
             at += jpg_size
             if self.crcs is not None and (crc32c(jpg.toreadonly()), crc32c(cls)) != tuple(self.crcs[indices[k]]):
                 good[k] = False
@@ -223,26 +209,10 @@ class _ShardImages(_Images):
             labels[k] = int(cls)
         return blob, sizes, labels, good
 
-    def _fd(self, tar: int) -> int:
-        fd = self.fds.get(tar)
-        if fd is None:
-            mine = os.open(self.tars[tar], os.O_RDONLY)
-            fd = self.fds.setdefault(tar, mine)
-            if fd != mine:  # another reader thread opened it first
-                os.close(mine)
-        return fd
-
-    def __del__(self):
-        for fd in self.fds.values():
-            os.close(fd)
-
     def name(self, index) -> str:
         if self.names is None:  # read from the index files only when a sample needs naming
             self.names = self.shards.sample_names()
         return self.names[index]
-
-    def __getstate__(self):  # workers open their own files
-        return {**self.__dict__, "fds": {}}
 
 
 class _EpochSampler(Sampler):

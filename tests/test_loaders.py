@@ -4,6 +4,8 @@ import collections
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -386,3 +388,54 @@ def test_torchvision_train_crop_is_v2s_resized_crop_of_its_box_and_keeps_the_dec
         got = ours(image, SIZE_PX, (top, left, h, w, flip))
         assert torch.equal(got, expected), path
         assert got.permute(1, 2, 0).is_contiguous()
+
+
+# -- open files ---------------------------------------------------------------------------------
+# Files a loader may open beyond what its process holds at the start: MAX_OPEN_FILES shards, the
+# reader threads' one file each, and what a DataLoader's worker processes use to hand their batches
+# over (queues, shared-memory handles; with 48 that, not the loader, ran out).
+FD_HEADROOM = 64
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory) -> Path:
+    """320 tiny train JPEGs (4 batches of 80) and their record shards, 2 images each: 160 tars."""
+    from convert.to_shards import convert as to_shards
+    root = tmp_path_factory.mktemp("many_files")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 320), ("val", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n // 2):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / split / c / f"{i}.JPEG")
+    to_shards(root, progress=False, workers=2, shard_size=2)
+    return root
+
+
+@pytest.mark.parametrize("variant", ["torchvision-folder-device", "torchvision-device", "torchvision-shards",
+                                     "dali-shards"])
+def test_an_epoch_reads_within_a_real_open_file_limit(many_files, variant):
+    """`ulimit -n` for real (RLIMIT_NOFILE in a subprocess), FD_HEADROOM files above what the process
+    holds: batch 80 x 4 reader threads is 320 files at once (80 in each batch alone) when a
+    batch's files are all opened before any is read, and up to 160 when every shard read stays
+    open. Both ran out (EMFILE); the readers now hold one file each, the shards at most
+    MAX_OPEN_FILES per process. (A DataLoader whose worker runs out of files hangs: hence the
+    timeout.)"""
+    from loaders.files import MAX_OPEN_FILES
+    assert MAX_OPEN_FILES + 16 <= FD_HEADROOM < 80
+    name, options = VARIANTS[variant]
+    code = f"""
+import os, resource
+from loaders import build_loader
+loader = build_loader({name!r}, split="train", data={str(many_files)!r}, batch_size=80, workers=4, image_size=16,
+                      options={options!r})
+held = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (held + {FD_HEADROOM}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+for epoch in range(2):
+    loader.set_epoch(epoch)
+    print(epoch, [len(labels) for _, labels in loader], flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True, timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == [f"{epoch} {[80] * 4}" for epoch in range(2)], proc.stdout
