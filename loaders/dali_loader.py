@@ -20,9 +20,11 @@ Options: shards_dir (default DATA/shards), source ("auto" | "shards" | "folder")
 decode ("auto" | "cpu" | "device"), prefetch (batches queued ahead, default 2), hw_decoder_load.
 
 Train: one pipeline serves consecutive epochs (its source goes on into the next epoch's order):
-building and tearing one down costs ~0.5 s, half of a 400-image epoch. A new one, seeded from
-(seed, epoch, rank), is built on the first epoch, when set_epoch does not follow the last epoch
-read to its end (a repeat, a resume, an epoch broken off), and when the size changes: the output
+building and tearing one down costs ~0.5 s, half of a 400-image epoch. An epoch counts as read
+to its end once its last batch is handed out (the trainer asks for exactly len() batches and
+never for the end of the iterator). A new one, seeded from (seed, epoch, rank), is built on the
+first epoch, when set_epoch does not follow the last epoch read to its end (a repeat, a resume,
+an epoch broken off), and when the size changes: the output
 size is part of the graph (feeding it in as an input instead would leave the batches already
 prefetched at the old size). A resumed run sees the same images at each step as an unbroken one;
 its crops come from its own pipeline's random stream.
@@ -203,9 +205,15 @@ class DALILoader:
 
     def _train_batches(self):
         stream = self._train_stream()
-        for _ in range(len(self) - self.start_step):
-            yield next(stream)
-        self._stream_serves = (self.epoch + 1, 0, self.resolution)
+        for left in range(len(self) - self.start_step, 0, -1):
+            batch = next(stream)
+            if left == 1:  # the stream now stands at the next epoch's start
+                # Noted before the last yield, not after the loop: the trainer asks for exactly
+                # len() batches and never resumes this generator past its last one.
+                self._stream_serves = (self.epoch + 1, 0, self.resolution)
+            yield batch
+        if self.start_step == len(self):  # nothing left of this epoch: the stream starts the next
+            self._stream_serves = (self.epoch + 1, 0, self.resolution)
 
     def _batches(self):
         for batch in (self._train_batches() if self.spec.train else self._val_batches()):

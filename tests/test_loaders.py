@@ -111,24 +111,62 @@ def test_train_batches_are_full_and_the_epoch_order_is_reproducible(dataset, nam
     assert loader.first_batch_s is not None and loader.first_batch_s >= 0
 
 
+def _trainer_epoch(loader, epoch: int) -> list:
+    """One epoch read as engine/loop.py's train_one_epoch reads it: set_epoch, then exactly len()
+    batches through StepBoundaryLoader, then its close. Never the iterator's end (list() asks for
+    it; the trainer does not), so a loader cannot rely on reaching it. The batches copied."""
+    from engine.faults import StepBoundaryLoader
+    loader.set_epoch(epoch)
+    batches = StepBoundaryLoader(loader, epoch)
+    out = [tuple(t.clone() for t in batches.next_batch(i)) for i in range(len(loader))]
+    batches.close(len(loader))
+    return out
+
+
 @pytest.mark.parametrize("variant", ["dali-shards", "dali-folder"])
 def test_dali_keeps_one_pipeline_over_consecutive_epochs(dataset, variant):
     """A DALI pipeline costs ~0.5 s to build and tear down: one serves a run's consecutive epochs
     at one size (its source goes on into the next epoch's order), and each epoch of the stream is
-    still one full pass over the data."""
+    still one full pass over the data. Read as the trainer reads it (with list(), which also asks
+    for the end of each epoch, a loader that noted the epoch's end only there passed here and
+    still built a pipeline every epoch in training)."""
     loader = _build(variant, dataset, "train")
     histograms = []
     for epoch, px in enumerate((SIZE_PX, SIZE_PX, SIZE_PX, 48, 48)):
         loader.set_resolution(px)  # the size is part of the graph: 48 needs a new pipeline, once
-        loader.set_epoch(epoch)
-        batches = _epoch(loader)
+        batches = _trainer_epoch(loader, epoch)
         assert {tuple(images.shape[1:]) for images, _ in batches} == {(3, px, px)}
         histograms.append(collections.Counter(int(label) for _, labels in batches for label in labels))
-        assert loader.builds == 1 + (px == 48)
+        assert loader.builds == 1 + (px == 48), epoch
     assert histograms == [collections.Counter(_folder_histogram(dataset, "train"))] * 5
-    loader.set_epoch(1)  # a repeat (or a resume) starts a new pipeline seeded for that epoch
-    list(loader)
+    _trainer_epoch(loader, 1)  # a repeat (or a resume) starts a new pipeline seeded for that epoch
     assert loader.builds == 3
+    loader.set_epoch(2)  # follows the repeat read to its end: the same pipeline
+    next(iter(loader))  # broken off after one batch: the next epoch cannot go on from it
+    assert loader.builds == 3
+    _trainer_epoch(loader, 3)
+    assert loader.builds == 4
+
+
+@pytest.mark.parametrize("variant", ["dali-shards", "dali-folder"])
+def test_dali_builds_one_pipeline_for_a_whole_run_of_the_real_training_loop(dataset, variant):
+    """Three epochs of engine/loop.py's train_one_epoch on a real model and optimizer: one build."""
+    from engine.distributed import Runtime
+    from engine.loop import EpochPlan, train_one_epoch
+    from engine.optim import OptimizerConfig, build_optimizer
+    from engine.precision import Precision
+    from engine.step import DeviceInput, TrainStep
+    from model import create_model
+    cpu = torch.device("cpu")
+    loader = _build(variant, dataset, "train")
+    model = create_model("mobilenetv3_small_050", num_classes=3).to(memory_format=torch.channels_last)
+    step = TrainStep(model, build_optimizer(model, OptimizerConfig(name="sgd", lr=0.01)), Precision(False), cpu)
+    steps = len(loader)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        plan = EpochPlan(epoch, epoch * steps, steps, lambda _: 0.01, log=lambda _: None, progress=False)
+        assert train_one_epoch(step, DeviceInput(), loader, plan, Runtime(cpu))["steps"] == steps
+    assert loader.builds == 1
 
 
 @pytest.mark.parametrize("name", VARIANTS)
