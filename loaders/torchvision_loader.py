@@ -118,10 +118,11 @@ class _Images(Dataset):
                       good: np.ndarray):
         """Train: each damaged sample's slot gets the next good sample in dataset order (index + 1,
         + 2, ...: in the same shard mostly, a read nearby), its label with it and the slot's own
-        crop box (so not the crop it gets in its own slot). Dropping the slot instead shrank the batch, and a batch
-        left empty was no step at all: that rank ran one step fewer than the others and DDP hung.
-        A function of the data alone, so every worker, rank and resumed run fills it alike. At
-        most max_bad_samples + 1 tries per slot: past that many damaged samples the run stops.
+        crop box (so not the crop it gets in its own slot). Dropping the slot instead shrank the
+        batch, and a batch left empty was no step at all: that rank ran one step fewer than the
+        others and DDP hung. A function of the data alone, so every worker, rank and resumed run
+        fills it alike. At most max_bad_samples + 1 tries per slot: past that many damaged
+        samples the run stops.
 
         -> (blob, sizes, labels, good, read, the damaged samples met on the way)."""
         ends = np.cumsum(sizes)
