@@ -81,8 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="check every converted file against its converter's checksums before training "
              "(sizes are always checked)")
     add("--max-bad-samples", type=int, default=0,
-        help="torchvision loader on record shards: damaged samples (checksum mismatch) to leave out and count "
-             "before stopping; 0 stops at the first, naming it")
+        help="torchvision loader on record shards: damaged samples (checksum mismatch) to count and get past "
+             "before stopping (train: the next good sample takes the slot, so every rank runs every step; "
+             "val: left out); 0 stops at the first, naming it")
     add("--evaluate", action="store_true", help="only evaluate (weights from --resume or --pretrained)")
     add("--pretrained", default=None,
         help="MobileNetV3 weights file, torchvision's or timm's format (found from its keys; .pth, .bin or "

@@ -62,8 +62,16 @@ class StepBoundaryLoader:
         self.pending = True
 
     def close(self, next_batch: int):
-        """Give the handler back (the next epoch defers it again); a child that died during the
-        last step still fails the loader, at `next_batch`."""
+        """End the epoch's iterator, give the handler back (the next epoch defers it again); a
+        child that died during the last step still fails the loader, at `next_batch`.
+
+        The trainer asks for exactly the epoch's steps, never for the iterator's end, so the
+        iterator is still suspended at its last batch: closing it now, not whenever it is
+        collected, lets a loader release that epoch's threads and buffers before the next epoch
+        starts (a loader that keeps state across epochs must not wait for the end either: DALI)."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
         if self.deferred is not None and signal.getsignal(signal.SIGCHLD) == self._note:
             signal.signal(signal.SIGCHLD, self.deferred)
         if self.pending:

@@ -20,13 +20,17 @@ Options: shards_dir (default DATA/shards), source ("auto" | "shards" | "folder")
 decode ("auto" | "cpu" | "device"), prefetch (batches queued ahead, default 2), hw_decoder_load.
 
 Train: one pipeline serves consecutive epochs (its source goes on into the next epoch's order):
-building and tearing one down costs ~0.5 s, half of a 400-image epoch. A new one, seeded from
-(seed, epoch, rank), is built on the first epoch, when set_epoch does not follow the last epoch
-read to its end (a repeat, a resume, an epoch broken off), and when the size changes: the output
+building and tearing one down costs ~0.5 s, half of a 400-image epoch. An epoch counts as read
+to its end once its last batch is handed out (the trainer asks for exactly len() batches and
+never for the end of the iterator). A new one, seeded from (seed, epoch, rank), is built on the
+first epoch, when set_epoch does not follow the last epoch read to its end (a repeat, a resume,
+an epoch broken off), and when the size changes: the output
 size is part of the graph (feeding it in as an input instead would leave the batches already
 prefetched at the old size). A resumed run sees the same images at each step as an unbroken one;
 its crops come from its own pipeline's random stream.
 """
+import os
+
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -36,6 +40,7 @@ from core.dataset import split_index
 from core.errors import LoaderError
 from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, check_start_step, epoch_indices,
                             num_batches, timed_epoch, to_device, use_shards, val_resize_px)
+from loaders.files import OpenFiles, read_into
 
 MAX_LABEL_DIGITS = 8  # .cls holds the label as ASCII decimal
 # nvJPEG's buffers sized for the largest ImageNet image up front (NVIDIA DeepLearningExamples, RN50)
@@ -83,7 +88,8 @@ class DALILoader:
         self._stream = None  # the live train pipeline's endless iterator
         self._stream_serves = None  # (epoch, px) it can serve next; None: build a new one
         self.builds = 0  # train pipelines built so far (one per run at one size)
-        self.rows, self.files = None, {}  # the shards' sample offsets and open tars, read on first use
+        self.rows = None  # the shards' sample offsets, read on first use
+        self.files = OpenFiles(self.tars) if self.use_shards else None  # at most MAX_OPEN_FILES open
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.epoch = epoch
@@ -133,13 +139,12 @@ class DALILoader:
 
     def _shard_sample(self, index: int):
         if self.rows is None:
-            self.rows, self.files = self.shards.samples(), {}  # tar, jpg offset, size, cls offset, size
+            self.rows = self.shards.samples()  # tar, jpg offset, size, cls offset, size
         tar, jpg_at, jpg_size, cls_at, cls_size = (int(v) for v in self.rows[index])
-        f = self.files.get(tar) or self.files.setdefault(tar, open(self.tars[tar], "rb"))
-        f.seek(jpg_at)
-        jpg = np.frombuffer(f.read(jpg_size), dtype=np.uint8)
-        f.seek(cls_at)
-        return jpg, int(f.read(cls_size))
+        jpg = np.empty(jpg_size, dtype=np.uint8)
+        with self.files.open(tar) as fd:
+            read_into(fd, memoryview(jpg), jpg_at, self.tars[tar])
+            return jpg, int(os.pread(fd, cls_size, cls_at))
 
     def _seed(self) -> int:
         return int(np.random.SeedSequence([self.spec.seed, self.epoch, self.spec.rank]).generate_state(1)[0] >> 1)
@@ -200,9 +205,15 @@ class DALILoader:
 
     def _train_batches(self):
         stream = self._train_stream()
-        for _ in range(len(self) - self.start_step):
-            yield next(stream)
-        self._stream_serves = (self.epoch + 1, 0, self.resolution)
+        for left in range(len(self) - self.start_step, 0, -1):
+            batch = next(stream)
+            if left == 1:  # the stream now stands at the next epoch's start
+                # Noted before the last yield, not after the loop: the trainer asks for exactly
+                # len() batches and never resumes this generator past its last one.
+                self._stream_serves = (self.epoch + 1, 0, self.resolution)
+            yield batch
+        if self.start_step == len(self):  # nothing left of this epoch: the stream starts the next
+            self._stream_serves = (self.epoch + 1, 0, self.resolution)
 
     def _batches(self):
         for batch in (self._train_batches() if self.spec.train else self._val_batches()):

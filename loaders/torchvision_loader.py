@@ -34,6 +34,7 @@ from loaders.common import (LoaderSpec, check_resolution, check_start_step, epoc
                             num_batches, pin_if_useful, timed_epoch, to_device, use_shards, val_resize_px)
 from loaders.crops import crop_flip_boxes
 from loaders.device_decode import DECODER, DeviceStage, decode_error, decode_image, jpeg_header, prefetch
+from loaders.files import OpenFiles, file_sizes, read_files, read_into
 
 
 class _RandomResizedCropFlip:
@@ -85,7 +86,8 @@ class _Images(Dataset):
     JPEGs back to back in one uint8 buffer, sizes[i] 0 where sample i comes decoded in
     host_images instead (an image nvJPEG's batched decoder does not take: progressive, CMYK,
     grayscale, PNG), params int64 N x 5 (top, left, h, w, flip; train) or N x 2 (h, w; val).
-    Damaged samples (bytes that fail their checksum) are left out; their indices come last.
+    Damaged samples (bytes that fail their checksum) are listed last; val leaves them out, train
+    fills their slots (see _fill_damaged), so a train batch stays full.
 
     Every box comes from crops.crop_flip_boxes on (seed, epoch, index): the same for both
     decodes, and whichever worker, batch or rank reads the sample."""
@@ -93,20 +95,51 @@ class _Images(Dataset):
     def __init__(self, transform, seed: int):
         self.transform, self.seed, self.decode_on_device = transform, seed, False
         self.train = isinstance(transform, _RandomResizedCropFlip)
+        self.max_bad_samples = 0  # the loader's option: damaged samples it may meet before it stops
 
     def __getitems__(self, keys):
         indices = np.fromiter((k[0] for k in keys), dtype=np.int64, count=len(keys))
         epochs = np.fromiter((k[1] for k in keys), dtype=np.int64, count=len(keys))  # each key's own
         size = keys[0][2]  # one output size per batch (the sampler's, fixed for an epoch)
         blob, sizes, labels, good = self.read_batch(indices)
-        damaged = indices[~good].tolist()
+        damaged, read = indices[~good].tolist(), indices  # read: the sample whose bytes fill each slot
+        if self.train and not good.all():
+            blob, sizes, labels, good, read, more = self._fill_damaged(indices, blob, sizes, labels, good)
+            damaged += more
         ends = np.cumsum(sizes).tolist()
         spans = [(end - n, end) for end, n, ok in zip(ends, sizes.tolist(), good.tolist()) if ok]
-        indices, epochs, labels = indices[good], epochs[good], labels[good]
+        indices, read, epochs, labels = indices[good], read[good], epochs[good], labels[good]
         if self.decode_on_device:
-            return self._bytes_batch(blob, spans, indices, epochs, size), torch.from_numpy(labels), damaged
-        images = [self._decode(blob[a:b], index) for (a, b), index in zip(spans, indices.tolist())]
+            return self._bytes_batch(blob, spans, indices, read, epochs, size), torch.from_numpy(labels), damaged
+        images = [self._decode(blob[a:b], index) for (a, b), index in zip(spans, read.tolist())]
         return self._crop_batch(images, indices, epochs, size), torch.from_numpy(labels), damaged
+
+    def _fill_damaged(self, indices: np.ndarray, blob: torch.Tensor, sizes: np.ndarray, labels: np.ndarray,
+                      good: np.ndarray):
+        """Train: each damaged sample's slot gets the next good sample in dataset order (index + 1,
+        + 2, ...: in the same shard mostly, a read nearby), its label with it and the slot's own
+        crop box (so not the crop it gets in its own slot). Dropping the slot instead shrank the
+        batch, and a batch left empty was no step at all: that rank ran one step fewer than the
+        others and DDP hung. A function of the data alone, so every worker, rank and resumed run
+        fills it alike. At most max_bad_samples + 1 tries per slot: past that many damaged
+        samples the run stops.
+
+        -> (blob, sizes, labels, good, read, the damaged samples met on the way)."""
+        ends = np.cumsum(sizes)
+        pieces = [blob[end - n:end] for end, n in zip(ends.tolist(), sizes.tolist())]
+        sizes, labels, good, read = sizes.copy(), labels.copy(), good.copy(), indices.copy()
+        met = []
+        tries = min(self.max_bad_samples + 1, len(self) - 1)
+        for k in np.flatnonzero(~good).tolist():
+            for step in range(1, tries + 1):
+                candidate = (int(indices[k]) + step) % len(self)
+                piece, n, label, ok = self.read_batch(np.array([candidate], dtype=np.int64))
+                if not ok[0]:
+                    met.append(candidate)
+                    continue
+                pieces[k], sizes[k], labels[k], good[k], read[k] = piece, n[0], label[0], True, candidate
+                break
+        return torch.cat(pieces), sizes, labels, good, read, met
 
     def _boxes(self, indices: np.ndarray, epochs: np.ndarray, heights, widths) -> np.ndarray:
         if self.train:
@@ -125,10 +158,12 @@ class _Images(Dataset):
             dst.copy_(self.transform(image, size, box).permute(1, 2, 0))
         return out.permute(0, 3, 1, 2)
 
-    def _bytes_batch(self, blob: torch.Tensor, spans: list, indices: np.ndarray, epochs: np.ndarray, size: int):
+    def _bytes_batch(self, blob: torch.Tensor, spans: list, indices: np.ndarray, read: np.ndarray,
+                     epochs: np.ndarray, size: int):
+        """indices: each slot's sample (its crop box); read: the sample whose bytes fill it (its name)."""
         view = memoryview(blob.numpy())
         heights, widths, on_device, host_images = [], [], [], []
-        for (a, b), index in zip(spans, indices.tolist()):
+        for (a, b), index in zip(spans, read.tolist()):
             header = jpeg_header(view[a:b])  # read in place: no copy of the bytes
             if header is not None and header[2]:
                 heights.append(header[0])
@@ -143,23 +178,13 @@ class _Images(Dataset):
             kept = [blob[a:b] for (a, b), ok in zip(spans, on_device) if ok]
             blob = torch.cat(kept) if kept else blob[:0]
         params = torch.from_numpy(self._boxes(indices, epochs, heights, widths))
-        return blob, sizes, host_images, params, torch.from_numpy(indices), size
+        return blob, sizes, host_images, params, torch.from_numpy(read), size
 
     def _decode(self, data: torch.Tensor, index: int) -> torch.Tensor:
         try:
             return decode_image(data)
         except RuntimeError as e:  # name the sample: the trainer's message carries this line
             raise LoaderError(f"{self.name(index)}: cannot decode it ({decode_error(e)})") from None
-
-
-def _read_into(fd: int, view: memoryview, at: int):
-    """Fill `view` from file `fd` at offset `at` (os.preadv: one call, no seek, straight into the batch)."""
-    got = os.preadv(fd, [view], at)
-    while got < len(view):  # a short read (rare: signals, network file systems) continues
-        more = os.preadv(fd, [view[got:]], at + got)
-        if more == 0:
-            raise LoaderError(f"file descriptor {fd}: the file ended {len(view) - got} bytes early")
-        got += more
 
 
 class _FolderImages(_Images):
@@ -171,18 +196,13 @@ class _FolderImages(_Images):
         return len(self.paths)
 
     def read_batch(self, indices: np.ndarray):
-        """(the files' bytes back to back, sizes, labels, good): every file is good."""
-        fds = [os.open(self.paths[i], os.O_RDONLY) for i in indices.tolist()]
-        try:
-            sizes = np.array([os.fstat(fd).st_size for fd in fds], dtype=np.int64)
-            blob = torch.empty(int(sizes.sum()), dtype=torch.uint8)
-            view, at = memoryview(blob.numpy()), 0
-            for fd, n in zip(fds, sizes.tolist()):
-                _read_into(fd, view[at:at + n], 0)
-                at += n
-        finally:
-            for fd in fds:
-                os.close(fd)
+        """(the files' bytes back to back, sizes, labels, good): every file is good. The sizes come
+        from stat, so each file is opened only while it is read: one descriptor per reader thread,
+        whatever the batch size (loaders/files.py)."""
+        paths = [self.paths[i] for i in indices.tolist()]
+        sizes = file_sizes(paths)
+        blob = torch.empty(int(sizes.sum()), dtype=torch.uint8)
+        read_files(paths, sizes, memoryview(blob.numpy()))
         return blob, sizes, self.labels[indices], np.ones(len(indices), dtype=bool)
 
     def name(self, index) -> str:
@@ -198,7 +218,7 @@ class _ShardImages(_Images):
         self.rows = shards.samples()  # tar, jpg offset, jpg size, cls offset, cls size
         self.crcs = shards.sample_checksums()  # None for shards written before checksums existed
         self.shards, self.names = shards, None
-        self.fds = {}  # per process: open tar files
+        self.files = OpenFiles(self.tars)  # per process, at most MAX_OPEN_FILES open at once
 
     def __len__(self):
         return len(self.rows)
@@ -212,10 +232,10 @@ class _ShardImages(_Images):
         view, at = memoryview(blob.numpy()), 0
         labels, good = np.empty(len(rows), dtype=np.int64), np.ones(len(rows), dtype=bool)
         for k, (tar, jpg_at, jpg_size, cls_at, cls_size) in enumerate(rows.tolist()):
-            fd = self._fd(tar)
             jpg = view[at:at + jpg_size]
-            _read_into(fd, jpg, jpg_at)
-            cls = os.pread(fd, cls_size, cls_at)
+            with self.files.open(tar) as fd:
+                read_into(fd, jpg, jpg_at, self.tars[tar])
+                cls = os.pread(fd, cls_size, cls_at)
             at += jpg_size
             if self.crcs is not None and (crc32c(jpg.toreadonly()), crc32c(cls)) != tuple(self.crcs[indices[k]]):
                 good[k] = False
@@ -223,26 +243,10 @@ class _ShardImages(_Images):
             labels[k] = int(cls)
         return blob, sizes, labels, good
 
-    def _fd(self, tar: int) -> int:
-        fd = self.fds.get(tar)
-        if fd is None:
-            mine = os.open(self.tars[tar], os.O_RDONLY)
-            fd = self.fds.setdefault(tar, mine)
-            if fd != mine:  # another reader thread opened it first
-                os.close(mine)
-        return fd
-
-    def __del__(self):
-        for fd in self.fds.values():
-            os.close(fd)
-
     def name(self, index) -> str:
         if self.names is None:  # read from the index files only when a sample needs naming
             self.names = self.shards.sample_names()
         return self.names[index]
-
-    def __getstate__(self):  # workers open their own files
-        return {**self.__dict__, "fds": {}}
 
 
 class _EpochSampler(Sampler):
@@ -299,6 +303,7 @@ class TorchvisionLoader:
             self.dataset = _FolderImages(index.paths, index.labels, transforms_for(spec), spec.seed)
         self.sampler = _EpochSampler(len(self.dataset), spec)
         self.dataset.decode_on_device = on_device = self.decode == "device"
+        self.dataset.max_bad_samples = spec.options.max_bad_samples
         self.stage = DeviceStage(spec.device, spec.train, spec.val_crop_ratio, self.dataset.name) if on_device else None
         workers = max(0, spec.workers)
         # decode "device": threads, not worker processes. The host's work is then reads and small
@@ -315,7 +320,7 @@ class TorchvisionLoader:
             generator=torch.Generator().manual_seed(spec.seed))
         self.num_samples = len(self.sampler)
         self.first_batch_s = None
-        self.bad_samples = []  # names of the distinct damaged samples left out so far (shards with checksums)
+        self.bad_samples = []  # names of the distinct damaged samples met so far (shards with checksums)
         self.decoding = (f"on {spec.device} in batches ({DECODER}{', nvJPEG' if spec.device.type == 'cuda' else ''})"
                          if on_device else f"in {workers or 'the main'} worker process(es) ({DECODER})")
 
@@ -357,6 +362,10 @@ class TorchvisionLoader:
         for images, labels, damaged in batches:
             if damaged:
                 self._skip(damaged)
+            if self.spec.train and len(labels) != self.spec.batch_size:  # every rank must run every step
+                raise LoaderError(f"{self.dataset.name(damaged[0])}: no good sample to put in its place "
+                                  f"within {self.dataset.max_bad_samples + 1} of it: run `python convert/verify.py "
+                                  f"{self.spec.data}` to list the damaged samples, and re-convert")
             if len(labels):
                 yield images, labels
 
@@ -367,8 +376,8 @@ class TorchvisionLoader:
                 labels.to(self.spec.device, non_blocking=True))
 
     def _skip(self, damaged: list[int]):
-        """Count damaged samples (each once, whichever epoch meets it again); past --max-bad-samples,
-        stop naming the one that went over."""
+        """Count damaged samples (each once, whichever epoch meets it again; train fills their slots,
+        val leaves them out); past --max-bad-samples, stop naming the one that went over."""
         for name in map(self.dataset.name, damaged):
             if name in self.bad_samples:
                 continue

@@ -1,6 +1,9 @@
 """The batched crop sampler (loaders/crops.py): torchvision's RandomResizedCrop distribution and
 fallback, boxes that depend on (seed, epoch, index) alone, and the loader's batches that follow
 from that: the same crops whichever batch, order or resumed run reads a sample."""
+import functools
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,8 @@ from torchvision.transforms import v2
 from convert.make_sample import make_sample
 from loaders import build_loader
 from loaders.common import RRC_RATIO, RRC_SCALE
-from loaders.crops import crop_flip_boxes, uniforms
+from loaders.crops import ATTEMPTS, crop_flip_boxes, uniforms
+from loaders.crops import DRAWS as DRAWS_PER_SAMPLE
 
 DRAWS = 20_000
 
@@ -39,18 +43,44 @@ def test_the_boxes_follow_torchvisions_random_resized_crop_distribution(h, w):
     assert abs(ours[:, 4].mean() - 0.5) < 0.015  # the flip, p = 0.5
 
 
-@pytest.mark.parametrize("h, w", [(1000, 10), (10, 1000), (30, 31)])
-def test_when_no_attempt_fits_the_box_is_torchvisions_central_fallback(h, w):
-    # 1000 x 10: no crop of >= 8% area and aspect 3/4..4/3 fits, so all 10 attempts fail; 30 x 31:
-    # most draws fit, the fallback (the whole image) is what the rest get
-    boxes = crop_flip_boxes(5, 1, np.arange(500), np.full(500, h), np.full(500, w))
-    torch.manual_seed(0)
-    fallback = v2.RandomResizedCrop.get_params(torch.empty(3, h, w), list(RRC_SCALE), list(RRC_RATIO))
-    if h == 30:
-        fallback = [0, 0, 30, 31]
-        boxes = boxes[(boxes[:, 2] == 30) & (boxes[:, 3] == 31)]
-        assert len(boxes)  # some draws take the whole image
-    assert (boxes[:, :4] == fallback).all()
+def _torchvisions_box(u: np.ndarray, h: int, w: int, scale, ratio) -> tuple[list, bool]:
+    """(box, fell back): torchvision's RandomResizedCrop attempts for one h x w image, written as
+    its make_params is, one scalar at a time, fed this sample's uniforms (crops.py's order: 10
+    areas, 10 log aspects, 10 tops, 10 lefts) in place of torch's generator; when none fits,
+    torchvision's own fallback (asked with a scale no crop can meet)."""
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for a in range(ATTEMPTS):
+        area = h * w * (scale[0] + (scale[1] - scale[0]) * u[a])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[ATTEMPTS + a])
+        cw, ch = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return [int(u[2 * ATTEMPTS + a] * (h - ch + 1)), int(u[3 * ATTEMPTS + a] * (w - cw + 1)), ch, cw], False
+    return _torchvisions_fallback(h, w, tuple(ratio)), True
+
+
+@functools.cache
+def _torchvisions_fallback(h: int, w: int, ratio: tuple) -> list:
+    return list(v2.RandomResizedCrop.get_params(torch.empty(3, h, w), [2.0, 2.0], list(ratio)))
+
+
+@pytest.mark.parametrize("h, w, scale, ratio, fallbacks", [
+    (1000, 10, RRC_SCALE, RRC_RATIO, "all"),  # no crop of >= 8% area and aspect 3/4..4/3 fits
+    (10, 1000, RRC_SCALE, RRC_RATIO, "all"),
+    (300, 900, RRC_SCALE, RRC_RATIO, "some"),  # wider than 4/3: the fallback is a central 4:3 crop
+    (30, 31, (0.9, 1.0), (0.5, 2.0), "some"),  # within the ratios: the fallback is the whole image
+    (30, 31, RRC_SCALE, RRC_RATIO, "none"),  # rounding at a small size; 10 failed attempts: ~1e-10
+])
+def test_each_box_is_torchvisions_choice_from_the_same_draws_fallback_included(h, w, scale, ratio, fallbacks):
+    """Box by box against torchvision's algorithm fed the same uniforms: the first attempt that
+    fits, else its fallback. The mixed cases take both branches, so neither can be missing."""
+    n = 2000
+    boxes = crop_flip_boxes(5, 1, np.arange(n), np.full(n, h), np.full(n, w), scale=scale, ratio=ratio)
+    u = uniforms(5, 1, np.arange(n), DRAWS_PER_SAMPLE)
+    expected = [_torchvisions_box(row, h, w, scale, ratio) for row in u]
+    fell_back = sum(fell for _, fell in expected)
+    assert {"all": fell_back == n, "some": 0.02 * n < fell_back < 0.9 * n, "none": fell_back == 0}[fallbacks], fell_back
+    assert boxes[:, :4].tolist() == [box for box, _ in expected]
+    assert (boxes[:, 4] == (u[:, -1] < 0.5)).all()  # the flip: the last draw
 
 
 def test_a_samples_box_depends_on_seed_epoch_and_index_alone():

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -185,13 +186,56 @@ def test_the_shard_loader_skips_damaged_samples_when_allowed_and_stops_at_one_ot
     lenient = build_loader("torchvision", options={"max_bad_samples": 100, "decode": decode}, **common)
     for epoch in range(2):  # the second epoch meets the same damaged samples: each counts once
         lenient.set_epoch(epoch)
-        images = sum(len(labels) for _, labels in lenient)
-        assert sorted(lenient.bad_samples) == sorted(changed) and images == 24 - len(changed)
+        sizes = [len(labels) for _, labels in lenient]
+        assert sorted(lenient.bad_samples) == sorted(changed) and sizes == [4] * 6  # full: their slots filled
     strict = build_loader("torchvision", options={"decode": decode}, **common)
     strict.set_epoch(0)
     with pytest.raises(LoaderError, match="differ from the converter's checksum") as e:
         list(strict)
     assert str(e.value).split(": the sample")[0] in changed
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_every_rank_runs_every_step_when_a_ranks_whole_batch_is_damaged(damaged, decode):
+    """Batch 1 on 2 ranks: a damaged sample is a whole per-rank batch. Dropping it left that rank
+    one step short of the other, and DDP (and the agreed stop step) waited on it for ever."""
+    root, changed = damaged
+    counts, met = [], set()
+    for rank in (0, 1):
+        loader = build_loader("torchvision", split="train", data=root, batch_size=1, workers=1, image_size=32,
+                              rank=rank, world_size=2, options={"max_bad_samples": 100, "decode": decode})
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            sizes = [len(labels) for _, labels in loader]
+            counts.append(len(sizes))
+            assert sizes == [1] * len(loader), (rank, epoch, sizes)
+        met |= set(loader.bad_samples)
+    assert counts == [12] * 4 and met == changed  # each rank met its damaged samples and still ran 12 steps
+
+
+def test_a_damaged_slot_gets_the_next_good_sample_with_the_slots_crop(damaged):
+    """Not garbage, not a hole: the next good sample in the shards' order, its label, and the crop
+    box of the damaged slot's own (seed, epoch, index), whichever batch or worker reads it."""
+    from loaders.crops import crop_flip_boxes
+    from loaders.device_decode import decode_image
+    root, changed = damaged
+    loader = build_loader("torchvision", split="train", data=root, batch_size=4, workers=0, image_size=32,
+                          seed=5, options={"max_bad_samples": 100})
+    data = loader.dataset
+    names = [data.name(i) for i in range(len(data))]
+    bad = sorted(names.index(name) for name in changed)
+    slot = bad[0]
+    sub = next(i for i in range(slot + 1, len(data)) if names[i] not in changed)
+    images, labels, damaged_met = data.__getitems__([(slot, 3, 32), (sub, 3, 32)])
+    assert names[slot] in map(data.name, damaged_met)
+    blob, _, sub_labels, good = data.read_batch(np.array([sub]))
+    assert good.all() and labels.tolist() == [sub_labels[0]] * 2
+    image = decode_image(blob)
+    box = crop_flip_boxes(5, 3, np.array([slot]), [image.shape[1]], [image.shape[2]])[0]
+    assert torch.equal(images[0], data.transform(image, 32, box))  # the sub's pixels, the slot's crop
+    assert not torch.equal(images[0], images[1])  # the sub in its own slot: its own crop
+    alone = data.__getitems__([(slot, 3, 32)])[0]
+    assert torch.equal(alone[0], images[0])
 
 
 def test_training_on_damaged_shards_stops_naming_the_sample_and_keeps_a_checkpoint(damaged, tmp_path):

@@ -4,6 +4,8 @@ import collections
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,24 +111,62 @@ def test_train_batches_are_full_and_the_epoch_order_is_reproducible(dataset, nam
     assert loader.first_batch_s is not None and loader.first_batch_s >= 0
 
 
+def _trainer_epoch(loader, epoch: int) -> list:
+    """One epoch read as engine/loop.py's train_one_epoch reads it: set_epoch, then exactly len()
+    batches through StepBoundaryLoader, then its close. Never the iterator's end (list() asks for
+    it; the trainer does not), so a loader cannot rely on reaching it. The batches copied."""
+    from engine.faults import StepBoundaryLoader
+    loader.set_epoch(epoch)
+    batches = StepBoundaryLoader(loader, epoch)
+    out = [tuple(t.clone() for t in batches.next_batch(i)) for i in range(len(loader))]
+    batches.close(len(loader))
+    return out
+
+
 @pytest.mark.parametrize("variant", ["dali-shards", "dali-folder"])
 def test_dali_keeps_one_pipeline_over_consecutive_epochs(dataset, variant):
     """A DALI pipeline costs ~0.5 s to build and tear down: one serves a run's consecutive epochs
     at one size (its source goes on into the next epoch's order), and each epoch of the stream is
-    still one full pass over the data."""
+    still one full pass over the data. Read as the trainer reads it (with list(), which also asks
+    for the end of each epoch, a loader that noted the epoch's end only there passed here and
+    still built a pipeline every epoch in training)."""
     loader = _build(variant, dataset, "train")
     histograms = []
     for epoch, px in enumerate((SIZE_PX, SIZE_PX, SIZE_PX, 48, 48)):
         loader.set_resolution(px)  # the size is part of the graph: 48 needs a new pipeline, once
-        loader.set_epoch(epoch)
-        batches = _epoch(loader)
+        batches = _trainer_epoch(loader, epoch)
         assert {tuple(images.shape[1:]) for images, _ in batches} == {(3, px, px)}
         histograms.append(collections.Counter(int(label) for _, labels in batches for label in labels))
-        assert loader.builds == 1 + (px == 48)
+        assert loader.builds == 1 + (px == 48), epoch
     assert histograms == [collections.Counter(_folder_histogram(dataset, "train"))] * 5
-    loader.set_epoch(1)  # a repeat (or a resume) starts a new pipeline seeded for that epoch
-    list(loader)
+    _trainer_epoch(loader, 1)  # a repeat (or a resume) starts a new pipeline seeded for that epoch
     assert loader.builds == 3
+    loader.set_epoch(2)  # follows the repeat read to its end: the same pipeline
+    next(iter(loader))  # broken off after one batch: the next epoch cannot go on from it
+    assert loader.builds == 3
+    _trainer_epoch(loader, 3)
+    assert loader.builds == 4
+
+
+@pytest.mark.parametrize("variant", ["dali-shards", "dali-folder"])
+def test_dali_builds_one_pipeline_for_a_whole_run_of_the_real_training_loop(dataset, variant):
+    """Three epochs of engine/loop.py's train_one_epoch on a real model and optimizer: one build."""
+    from engine.distributed import Runtime
+    from engine.loop import EpochPlan, train_one_epoch
+    from engine.optim import OptimizerConfig, build_optimizer
+    from engine.precision import Precision
+    from engine.step import DeviceInput, TrainStep
+    from model import create_model
+    cpu = torch.device("cpu")
+    loader = _build(variant, dataset, "train")
+    model = create_model("mobilenetv3_small_050", num_classes=3).to(memory_format=torch.channels_last)
+    step = TrainStep(model, build_optimizer(model, OptimizerConfig(name="sgd", lr=0.01)), Precision(False), cpu)
+    steps = len(loader)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        plan = EpochPlan(epoch, epoch * steps, steps, lambda _: 0.01, log=lambda _: None, progress=False)
+        assert train_one_epoch(step, DeviceInput(), loader, plan, Runtime(cpu))["steps"] == steps
+    assert loader.builds == 1
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -386,3 +426,54 @@ def test_torchvision_train_crop_is_v2s_resized_crop_of_its_box_and_keeps_the_dec
         got = ours(image, SIZE_PX, (top, left, h, w, flip))
         assert torch.equal(got, expected), path
         assert got.permute(1, 2, 0).is_contiguous()
+
+
+# -- open files ---------------------------------------------------------------------------------
+# Files a loader may open beyond what its process holds at the start: MAX_OPEN_FILES shards, the
+# reader threads' one file each, and what a DataLoader's worker processes use to hand their batches
+# over (queues, shared-memory handles; with 48 that, not the loader, ran out).
+FD_HEADROOM = 64
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory) -> Path:
+    """320 tiny train JPEGs (4 batches of 80) and their record shards, 2 images each: 160 tars."""
+    from convert.to_shards import convert as to_shards
+    root = tmp_path_factory.mktemp("many_files")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 320), ("val", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n // 2):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / split / c / f"{i}.JPEG")
+    to_shards(root, progress=False, workers=2, shard_size=2)
+    return root
+
+
+@pytest.mark.parametrize("variant", ["torchvision-folder-device", "torchvision-device", "torchvision-shards",
+                                     "dali-shards"])
+def test_an_epoch_reads_within_a_real_open_file_limit(many_files, variant):
+    """`ulimit -n` for real (RLIMIT_NOFILE in a subprocess), FD_HEADROOM files above what the process
+    holds: batch 80 x 4 reader threads is 320 files at once (80 in each batch alone) when a
+    batch's files are all opened before any is read, and up to 160 when every shard read stays
+    open. Both ran out (EMFILE); the readers now hold one file each, the shards at most
+    MAX_OPEN_FILES per process. (A DataLoader whose worker runs out of files hangs: hence the
+    timeout.)"""
+    from loaders.files import MAX_OPEN_FILES
+    assert MAX_OPEN_FILES + 16 <= FD_HEADROOM < 80
+    name, options = VARIANTS[variant]
+    code = f"""
+import os, resource
+from loaders import build_loader
+loader = build_loader({name!r}, split="train", data={str(many_files)!r}, batch_size=80, workers=4, image_size=16,
+                      options={options!r})
+held = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (held + {FD_HEADROOM}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+for epoch in range(2):
+    loader.set_epoch(epoch)
+    print(epoch, [len(labels) for _, labels in loader], flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True, timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == [f"{epoch} {[80] * 4}" for epoch in range(2)], proc.stdout
