@@ -176,14 +176,31 @@ def _serve(row: Row, conn):
         os._exit(0)  # skip atexit handlers of libraries that may wait on their pools
 
 
-def measure(rows: list[Row], rounds: int, warmups: int = 1, who: str = "bench") -> dict:
+def measure(rows: list[Row], rounds: int, warmups: int = 1, who: str = "bench", keep_going: bool = False,
+            progress=None) -> dict:
     """Build every row, `warmups` untimed passes, then `rounds` timed ones, each pass over all rows
     with the order rotated by one. Returns {name: {"warmup": [...], "runs": [...], **finish()}}.
 
     Interrupted (SIGINT: a time limit) after a complete timed round, it returns the complete rounds
-    and sets `measure.partial`, so that what was measured is still written, marked partial."""
+    and sets `measure.partial`, so that what was measured is still written, marked partial.
+    keep_going: a row whose warm-up or run raises (a device out of memory) gets {"error": message},
+    is closed and left out of the rest; the other rows go on. progress(results), when given, is
+    called after every timed run, so a caller can write what is measured as it comes in."""
     results = {row.name: {"warmup": [], "runs": []} for row in rows}
     measure.partial = False
+
+    def attempt(row: Row, call):
+        try:
+            return call()
+        except Exception as e:
+            if not keep_going:
+                raise
+            message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            results[row.name]["error"] = message
+            log(f"{who}: row {row.name!r} failed and is left out from here: {message}")
+            row.close()
+            return None
+
     try:
         log(f"{who}: building {len(rows)} rows: {', '.join(r.name for r in rows)}")
         for row in rows:
@@ -195,15 +212,23 @@ def measure(rows: list[Row], rounds: int, warmups: int = 1, who: str = "bench") 
             log(f"{who}: {'round' if timed else 'warm-up'} {r + 1 - warmups * timed}/{rounds if timed else warmups}")
             for k in range(len(rows)):
                 row = rows[(k + r) % len(rows)]
+                if "error" in results[row.name]:
+                    continue
                 if timed:
-                    row.lead_in()
-                    results[row.name]["runs"].append(row.run())
+                    run = attempt(row, lambda: (row.lead_in(), row.run())[1])
+                    if run is not None:
+                        results[row.name]["runs"].append(run)
+                    if progress is not None:
+                        progress(results)
                 else:
-                    results[row.name]["warmup"].append(row.warm_up())
+                    warm = attempt(row, row.warm_up)
+                    if warm is not None:
+                        results[row.name]["warmup"].append(warm)
         for row in rows:
-            results[row.name].update(row.finish())
+            if "error" not in results[row.name]:
+                results[row.name].update(row.finish())
     except KeyboardInterrupt:
-        complete = min(len(v["runs"]) for v in results.values())
+        complete = min((len(v["runs"]) for v in results.values() if "error" not in v), default=0)
         if not complete:
             raise
         log(f"{who}: interrupted: writing the {complete} complete rounds, marked partial")
@@ -394,7 +419,19 @@ class Report:
         json_path = Path(args.json)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(result, json_path)
+        if not bars:  # every row failed: the JSON says why, there is nothing to draw
+            print(f"\nwrote {json_path}")
+            return result
         png_path = bar_chart(args.png or json_path.with_suffix(".png"), bars, f"{self.benchmark}: {setting}", xlabel,
                              reference)
         print(f"\nwrote {json_path} and {png_path}")
         return result
+
+    def write_partial(self, args, settings: dict, rows: list[dict]):
+        """The rows measured so far to args.json, marked partial (no table, targets or chart): a run
+        killed later (a hang, out of memory) still leaves them; write() replaces the file at the end."""
+        json_path = Path(args.json)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic({"benchmark": self.benchmark, "command": self.command, "settings": settings,
+                           "partial": True, "wall_s": round(time.perf_counter() - self.start_s, 1), "rows": rows},
+                          json_path)
