@@ -14,6 +14,7 @@ import multiprocessing as mp
 import operator
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,6 @@ import yaml
 
 from core.errors import UserError
 from core.memory import PeakRSS
-from engine.metrics import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "out" / "bench"
@@ -273,20 +273,36 @@ def paired(result: dict, reference: dict) -> dict:
     return spread(rate(a) / rate(b) for a, b in zip(result["runs"], reference["runs"]))
 
 
-def check_targets(benchmark: str, rows: list[dict], top: dict | None = None) -> list[dict]:
+def device_targets(device_name: str | None) -> tuple[str | None, dict]:
+    """The set of bench/targets.yaml's `devices` whose `match` is found in the GPU's name: (its key,
+    its values), or (None, {}) for no GPU or a card with no set."""
+    for key, values in yaml.safe_load(TARGETS.read_text()).get("devices", {}).items():
+        if device_name and re.search(values["match"], device_name):
+            return key, values
+    return None, {}
+
+
+def check_targets(benchmark: str, rows: list[dict], top: dict | None = None, device_name: str | None = None
+                  ) -> list[dict]:
     """bench/targets.yaml's targets of `benchmark`, evaluated in the file's order. A target reads
     `metric` of the row named `row` (or of `top`, the result itself, when it names no row); one
-    whose row did not run is left out."""
+    whose row did not run is left out, and so is one whose `device_value` the GPU's set (see
+    device_targets) does not give."""
     by_name = {r["name"]: r for r in rows}
+    device_set, device_values = device_targets(device_name)
     checks = []
     for t in yaml.safe_load(TARGETS.read_text())[benchmark]:
         source = by_name.get(t["row"]) if "row" in t else top
         if source is None or source.get(t["metric"]) is None:
             continue
+        value = device_values.get(t["device_value"]) if "device_value" in t else t["value"]
+        if value is None:
+            continue
         measured = source[t["metric"]]
-        checks.append({"target": t["name"], "row": t.get("row"), "metric": t["metric"], "measured": measured,
-                       "op": t["op"], "threshold": t["value"], "format": t.get("format", ".2f"),
-                       "met": COMPARE[t["op"]](measured, t["value"])})
+        checks.append({"target": t["name"].format(value=value), "row": t.get("row"), "metric": t["metric"],
+                       "measured": measured, "op": t["op"], "threshold": value, "format": t.get("format", ".2f"),
+                       "met": COMPARE[t["op"]](measured, value),
+                       **({"device_set": device_set} if "device_value" in t else {})})
     return checks
 
 
@@ -383,6 +399,7 @@ def bar_chart(path, bars: list[tuple], title: str, xlabel: str, reference: tuple
 def save_result(benchmark: str, args, result: dict) -> Path:
     """A benchmark result that is not a table of rows (see Report for those): with the command and
     the environment added, written atomically to --json. Returns the path."""
+    from engine.metrics import write_json_atomic
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic({"benchmark": benchmark, "command": " ".join([f"python bench/{benchmark}.py", *sys.argv[1:]]),
@@ -403,13 +420,14 @@ class Report:
               reference=None, modules=("torchvision",), **fields) -> dict:
         """Print `setting`, the table and the targets; write the JSON to args.json and the chart of
         `bars` (see bar_chart) to args.png or beside the JSON. `fields` go into the JSON as they are."""
+        from engine.metrics import write_json_atomic
         load_after = load_average()
         result = {"benchmark": self.benchmark, "command": self.command, "settings": settings,
                   "load_average_before": self.load_before, "load_average_after": load_after,
                   "wall_s": round(time.perf_counter() - self.start_s, 1),
                   "environment": environment(), "versions": versions(*modules), "partial": getattr(measure, "partial", False),
                   **fields, "rows": rows}
-        result["targets"] = checks = check_targets(self.benchmark, rows, result)
+        result["targets"] = checks = check_targets(self.benchmark, rows, result, result["environment"]["accelerator"])
         print(f"\n{self.benchmark}: {setting}; load average {self.load_before} before, {load_after} after")
         if columns:
             print(table(rows, columns))
@@ -430,6 +448,7 @@ class Report:
     def write_partial(self, args, settings: dict, rows: list[dict]):
         """The rows measured so far to args.json, marked partial (no table, targets or chart): a run
         killed later (a hang, out of memory) still leaves them; write() replaces the file at the end."""
+        from engine.metrics import write_json_atomic
         json_path = Path(args.json)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic({"benchmark": self.benchmark, "command": self.command, "settings": settings,
