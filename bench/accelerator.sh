@@ -20,8 +20,8 @@
 #   in the background -> CUDA tests -> step agreement -> [dataset, waited for under its limit] ->
 #   train_fps with device decode -> train.py -> decode agreement -> the batch sweep (one process per
 #   size, sizes from the card's set in bench/targets.yaml) -> FFCV -> fp16 -> compile (COMPILE=1).
-# Knobs: OUT DATA CLASSES PER_CLASS STEPS ROUNDS BUDGET_S MIN_S GRACE_S STAGES (a subset, e.g. for a
-# second call) LIMITS (NAME=S,... instead of a stage's cap) COMPILE WORKERS DECODE_WORKERS DEVICE.
+# Knobs: OUT DATA CLASSES PER_CLASS STEPS ROUNDS BUDGET_S MIN_S GRACE_S STAGES (a subset besides the
+# preflight, e.g. for a second call) LIMITS (NAME=S,... instead of a stage's cap) COMPILE WORKERS DECODE_WORKERS DEVICE.
 # Rehearsal only: WITHOUT=PART drops a carried package (google_crc32c); FAULT=STAGE:hang|fail,...
 # makes a stage's Python hang (SIGINT and SIGTERM ignored) or exit 3, part:NAME marks a part missing;
 # the verdict then asks that exactly those stages are lost and every other one comes back.
@@ -133,7 +133,7 @@ if os.environ.get("MNV3_FAULT") and "torch.distributed.run" not in getattr(sys, 
     if os.environ["MNV3_FAULT"] == "hang":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(f"FAULT: pid {os.getpid()} hangs, ignoring SIGINT and SIGTERM", flush=True)
+        print(f"FAULT: pid {os.getpid()} (session {os.getsid(0)}) hangs, ignoring SIGINT and SIGTERM", flush=True)
         while True:
             time.sleep(60)
     print(f"FAULT: pid {os.getpid()} fails", flush=True)
@@ -229,7 +229,7 @@ limit_of() {  # NAME CAP: LIMITS' NAME=S, else CAP x SCALE
 stage() {  # NAME CAP_S NEEDS COMMAND...: skipped with the reason when a need is missing or the budget is
   local name=$1 cap=$2 needs=$3 t=$SECONDS rc need state limit left note="" fault=()
   shift 3
-  if [ -n "$STAGES" ] && [[ ",$STAGES," != *",$name,"* ]]; then return 0; fi
+  if [ -n "$STAGES" ] && [ "$name" != preflight ] && [[ ",$STAGES," != *",$name,"* ]]; then return 0; fi
   for need in ${needs//,/ }; do
     [ "$need" = - ] && continue
     state=$(part_state "$need")
@@ -255,7 +255,7 @@ stage() {  # NAME CAP_S NEEDS COMMAND...: skipped with the reason when a need is
   esac
   say "== $name (limit ${limit} s, at $((SECONDS - start_s)) s): $*"
   start_limited "$WORK/logs/$name.log" env "${fault[@]}" "$@"
-  wait_limited "$run_pid" "$run_token" $((SECONDS + limit))
+  wait_limited "$run_pid" "$run_token" $((SECONDS + limit)) 2>>"$WORK/logs/$name.log"  # bash's "Killed" too
   rc=$?
   [ "$rc" -eq 124 ] && note="ended at its limit: the whole stage, torchrun's workers included"
   tail -n 15 "$WORK/logs/$name.log"
@@ -308,7 +308,7 @@ stage step_agreement 45 - $PYTHON bench/step_agreement.py --device "$DEVICE" --a
   --json "$WORK/step_agreement.json"
 if [ -n "$data_pid" ]; then
   waited_s=$SECONDS
-  wait_limited "$data_pid" "$data_token" "$data_deadline"
+  wait_limited "$data_pid" "$data_token" "$data_deadline" 2>>"$WORK/data.log"
   data_rc=$?
   [ "$data_rc" -eq 0 ] || echo "the data builder: rc $data_rc$([ $data_rc = 124 ] && echo ', ended at its limit')" \
     >"$WORK/data_state"

@@ -127,8 +127,10 @@ def captured_step(device) -> str:
     from model import create_model
     torch.manual_seed(0)
     model = create_model("mobilenetv3_small_100", num_classes=2).to(device, memory_format=torch.channels_last)
-    step = TrainStep(model, build_optimizer(model, OptimizerConfig()), Precision.resolve(True, "bfloat16", device),
-                     device, cuda_graphs=True)
+    # bf16 on the GPU, as the call trains; the CPU stand-in's fast type (fp32 without AMX: oneDNN's bf16
+    # kernels compile for every conv shape first, minutes under load)
+    precision = Precision.resolve(True, "bfloat16" if device.type == "cuda" else "auto", device)
+    step = TrainStep(model, build_optimizer(model, OptimizerConfig()), precision, device, cuda_graphs=True)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 2, (4,), device=device)
     inputs = DeviceInput()
