@@ -14,6 +14,7 @@ import multiprocessing as mp
 import operator
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,6 @@ import yaml
 
 from core.errors import UserError
 from core.memory import PeakRSS
-from engine.metrics import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "out" / "bench"
@@ -176,14 +176,31 @@ def _serve(row: Row, conn):
         os._exit(0)  # skip atexit handlers of libraries that may wait on their pools
 
 
-def measure(rows: list[Row], rounds: int, warmups: int = 1, who: str = "bench") -> dict:
+def measure(rows: list[Row], rounds: int, warmups: int = 1, who: str = "bench", keep_going: bool = False,
+            progress=None) -> dict:
     """Build every row, `warmups` untimed passes, then `rounds` timed ones, each pass over all rows
     with the order rotated by one. Returns {name: {"warmup": [...], "runs": [...], **finish()}}.
 
     Interrupted (SIGINT: a time limit) after a complete timed round, it returns the complete rounds
-    and sets `measure.partial`, so that what was measured is still written, marked partial."""
+    and sets `measure.partial`, so that what was measured is still written, marked partial.
+    keep_going: a row whose warm-up or run raises (a device out of memory) gets {"error": message},
+    is closed and left out of the rest; the other rows go on. progress(results), when given, is
+    called after every timed run, so a caller can write what is measured as it comes in."""
     results = {row.name: {"warmup": [], "runs": []} for row in rows}
     measure.partial = False
+
+    def attempt(row: Row, call):
+        try:
+            return call()
+        except Exception as e:
+            if not keep_going:
+                raise
+            message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            results[row.name]["error"] = message
+            log(f"{who}: row {row.name!r} failed and is left out from here: {message}")
+            row.close()
+            return None
+
     try:
         log(f"{who}: building {len(rows)} rows: {', '.join(r.name for r in rows)}")
         for row in rows:
@@ -195,15 +212,23 @@ def measure(rows: list[Row], rounds: int, warmups: int = 1, who: str = "bench") 
             log(f"{who}: {'round' if timed else 'warm-up'} {r + 1 - warmups * timed}/{rounds if timed else warmups}")
             for k in range(len(rows)):
                 row = rows[(k + r) % len(rows)]
+                if "error" in results[row.name]:
+                    continue
                 if timed:
-                    row.lead_in()
-                    results[row.name]["runs"].append(row.run())
+                    run = attempt(row, lambda: (row.lead_in(), row.run())[1])
+                    if run is not None:
+                        results[row.name]["runs"].append(run)
+                    if progress is not None:
+                        progress(results)
                 else:
-                    results[row.name]["warmup"].append(row.warm_up())
+                    warm = attempt(row, row.warm_up)
+                    if warm is not None:
+                        results[row.name]["warmup"].append(warm)
         for row in rows:
-            results[row.name].update(row.finish())
+            if "error" not in results[row.name]:
+                results[row.name].update(row.finish())
     except KeyboardInterrupt:
-        complete = min(len(v["runs"]) for v in results.values())
+        complete = min((len(v["runs"]) for v in results.values() if "error" not in v), default=0)
         if not complete:
             raise
         log(f"{who}: interrupted: writing the {complete} complete rounds, marked partial")
@@ -248,20 +273,36 @@ def paired(result: dict, reference: dict) -> dict:
     return spread(rate(a) / rate(b) for a, b in zip(result["runs"], reference["runs"]))
 
 
-def check_targets(benchmark: str, rows: list[dict], top: dict | None = None) -> list[dict]:
+def device_targets(device_name: str | None) -> tuple[str | None, dict]:
+    """The set of bench/targets.yaml's `devices` whose `match` is found in the GPU's name: (its key,
+    its values), or (None, {}) for no GPU or a card with no set."""
+    for key, values in yaml.safe_load(TARGETS.read_text()).get("devices", {}).items():
+        if device_name and re.search(values["match"], device_name):
+            return key, values
+    return None, {}
+
+
+def check_targets(benchmark: str, rows: list[dict], top: dict | None = None, device_name: str | None = None
+                  ) -> list[dict]:
     """bench/targets.yaml's targets of `benchmark`, evaluated in the file's order. A target reads
     `metric` of the row named `row` (or of `top`, the result itself, when it names no row); one
-    whose row did not run is left out."""
+    whose row did not run is left out, and so is one whose `device_value` the GPU's set (see
+    device_targets) does not give."""
     by_name = {r["name"]: r for r in rows}
+    device_set, device_values = device_targets(device_name)
     checks = []
     for t in yaml.safe_load(TARGETS.read_text())[benchmark]:
         source = by_name.get(t["row"]) if "row" in t else top
         if source is None or source.get(t["metric"]) is None:
             continue
+        value = device_values.get(t["device_value"]) if "device_value" in t else t["value"]
+        if value is None:
+            continue
         measured = source[t["metric"]]
-        checks.append({"target": t["name"], "row": t.get("row"), "metric": t["metric"], "measured": measured,
-                       "op": t["op"], "threshold": t["value"], "format": t.get("format", ".2f"),
-                       "met": COMPARE[t["op"]](measured, t["value"])})
+        checks.append({"target": t["name"].format(value=value), "row": t.get("row"), "metric": t["metric"],
+                       "measured": measured, "op": t["op"], "threshold": value, "format": t.get("format", ".2f"),
+                       "met": COMPARE[t["op"]](measured, value),
+                       **({"device_set": device_set} if "device_value" in t else {})})
     return checks
 
 
@@ -358,6 +399,7 @@ def bar_chart(path, bars: list[tuple], title: str, xlabel: str, reference: tuple
 def save_result(benchmark: str, args, result: dict) -> Path:
     """A benchmark result that is not a table of rows (see Report for those): with the command and
     the environment added, written atomically to --json. Returns the path."""
+    from engine.metrics import write_json_atomic
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic({"benchmark": benchmark, "command": " ".join([f"python bench/{benchmark}.py", *sys.argv[1:]]),
@@ -378,13 +420,14 @@ class Report:
               reference=None, modules=("torchvision",), **fields) -> dict:
         """Print `setting`, the table and the targets; write the JSON to args.json and the chart of
         `bars` (see bar_chart) to args.png or beside the JSON. `fields` go into the JSON as they are."""
+        from engine.metrics import write_json_atomic
         load_after = load_average()
         result = {"benchmark": self.benchmark, "command": self.command, "settings": settings,
                   "load_average_before": self.load_before, "load_average_after": load_after,
                   "wall_s": round(time.perf_counter() - self.start_s, 1),
                   "environment": environment(), "versions": versions(*modules), "partial": getattr(measure, "partial", False),
                   **fields, "rows": rows}
-        result["targets"] = checks = check_targets(self.benchmark, rows, result)
+        result["targets"] = checks = check_targets(self.benchmark, rows, result, result["environment"]["accelerator"])
         print(f"\n{self.benchmark}: {setting}; load average {self.load_before} before, {load_after} after")
         if columns:
             print(table(rows, columns))
@@ -394,7 +437,20 @@ class Report:
         json_path = Path(args.json)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(result, json_path)
+        if not bars:  # every row failed: the JSON says why, there is nothing to draw
+            print(f"\nwrote {json_path}")
+            return result
         png_path = bar_chart(args.png or json_path.with_suffix(".png"), bars, f"{self.benchmark}: {setting}", xlabel,
                              reference)
         print(f"\nwrote {json_path} and {png_path}")
         return result
+
+    def write_partial(self, args, settings: dict, rows: list[dict]):
+        """The rows measured so far to args.json, marked partial (no table, targets or chart): a run
+        killed later (a hang, out of memory) still leaves them; write() replaces the file at the end."""
+        from engine.metrics import write_json_atomic
+        json_path = Path(args.json)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic({"benchmark": self.benchmark, "command": self.command, "settings": settings,
+                           "partial": True, "wall_s": round(time.perf_counter() - self.start_s, 1), "rows": rows},
+                          json_path)

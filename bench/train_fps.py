@@ -17,7 +17,11 @@ Rows, all through the trainer's TrainStep with the same model, precision and mem
   model + augment   model only through augment.DeviceAugment with the recipe's policy (ImageNet
                     AutoAugment, random erasing 0.2): its share = 1 - this / model only
   e2e <loader>      batches from build_loader(<loader>), whole epochs of at least --steps steps,
-                    each right after one untimed epoch of the loader alone (its lead-in)
+                    each right after one untimed epoch of the loader alone (its lead-in); each
+                    epoch is timed from its --timing-warmup-steps-th step to its end, with
+                    engine/meter.py's StepMeter, the window train.py's img/s uses, so a new
+                    epoch's start (reader pool, first batch) is not counted as stall: `1st wait s`
+                    and `epoch img/s` (whole epochs) report it apart
 `of model` is each row against model only in the same round: a compiled or graphed row's speed-up.
 With --cuda-graphs (where capture works) the e2e rows train through the graphed step and their
 `of model` and stall are against "model only, graphed".
@@ -26,15 +30,18 @@ from the model as well as any waiting; `wait %` (time blocked in next(loader)) t
 """
 import argparse
 import math
+import statistics
 import sys
 import time
 
 import torch
 
-from bench.harness import Report, Row, add_output_flags, cores, measure, paired, stats
-from core.errors import ConfigError, run_command
+from bench.harness import Report, Row, add_output_flags, cores, measure, paired, stats, tree_cpu_s
+from core.errors import ConfigError, UserError, run_command
 from engine.config import COMPILE_MODES
+from engine.config import get_args_parser as train_args_parser
 from engine.distributed import setup
+from engine.meter import StepMeter
 from engine.optim import OptimizerConfig, build_optimizer
 from engine.precision import Precision
 from engine.step import WARMUP_STEPS, DeviceInput, TrainStep, graph_blocker, sync
@@ -70,6 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"steps per timed phase, at least (e2e phases round up to whole epochs; default "
                         f"{CPU_DEFAULTS['steps']} on the CPU, {ACCEL_DEFAULTS['steps']} on an accelerator)")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed model steps first (and compilation)")
+    p.add_argument("--timing-warmup-steps", type=int,
+                   default=train_args_parser().get_default("warmup_steps_timing"),
+                   help="e2e rows: steps at the start of each epoch left out of the timed window (train.py's "
+                        "--warmup-steps-timing, the same window)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds over all rows; medians are reported")
     p.add_argument("--amp", action="store_true", help="autocast in --amp-dtype")
     p.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16"],
@@ -132,14 +143,23 @@ class ModelRow(Row):
     def warm_up(self) -> dict:
         return self.work(self.warmup_steps)
 
+    def run(self) -> dict:
+        reset_peak_memory(self.images.device)
+        return {**super().run(), "peak_memory_gib": peak_memory_gib(self.images.device)}
+
 
 class LoaderRow(Row):
-    """Whole epochs of a loader, each batch through the step; time blocked in next() is wait_s."""
+    """Whole epochs of a loader, each batch through the step. Each epoch is timed by a StepMeter
+    from step `timed_from_step` to its end (train.py's window); time blocked in next() inside
+    that window is wait_s. The whole epochs' figures are kept beside it (epoch_*)."""
 
-    def __init__(self, name, step, inputs, loader, epochs: int, device, reference: str = "model only"):
+    def __init__(self, name, step, inputs, loader, epochs: int, device, reference: str = "model only",
+                 timed_from_step: int = 0):
         self.name, self.step, self.inputs, self.loader, self.epochs = name, step, inputs, loader, epochs
         self.reference = reference  # the model-only row its stall is measured against
+        self.timed_from_step = max(0, min(timed_from_step, len(loader) - 1))  # as train.py clamps it
         self.epoch = self.counter = 0
+        self.device = device
         self.sync = lambda: sync(device)
 
     def batches(self):
@@ -148,21 +168,49 @@ class LoaderRow(Row):
         return iter(self.loader)
 
     def work(self, epochs: int | None = None) -> dict:
-        images = steps = 0
-        wait_s = 0.0
+        out = {"images": 0, "steps": 0, "wait_s": 0.0, "timed_wall_s": 0.0, "cpu_s": 0.0, "epoch_images": 0,
+               "epoch_wait_s": 0.0, "first_wait_s": []}
+        edges = []  # (clock, CPU seconds of the process tree) at each edge of a timed window
+
+        def edge():  # the meter syncs the device at both edges of its window
+            sync(self.device)
+            edges.append(tree_cpu_s())
+
         for _ in range(epochs or self.epochs):
-            batches = self.batches()
+            batches, meter, i = self.batches(), StepMeter(self.timed_from_step, edge), 0
             while True:
                 t0 = time.perf_counter()
                 batch = next(batches, None)
-                wait_s += time.perf_counter() - t0
+                wait_s = time.perf_counter() - t0
                 if batch is None:
                     break
+                meter.begin_step(i, wait_s)
                 self.step(*self.inputs(batch[0], batch[1], self.counter))
+                meter.end_step(len(batch[1]))
                 self.counter += 1
-                images += len(batch[1])
-                steps += 1
-        return {"images": images, "steps": steps, "wait_s": wait_s, "first_batch_s": self.loader.first_batch_s}
+                i += 1
+                out["epoch_images"] += len(batch[1])
+                out["epoch_wait_s"] += wait_s
+            timed = meter.close()
+            out["images"] += timed["timed_images"]
+            out["steps"] += i
+            out["wait_s"] += timed["timed_wait_s"]
+            out["timed_wall_s"] += timed["timed_wall_s"] if timed["timed_images"] else 0.0
+            out["cpu_s"] += edges[-1] - edges[-2] if len(edges) >= 2 and timed["timed_images"] else 0.0
+            out["first_wait_s"].append(timed["first_wait_s"])
+            edges.clear()
+        out["first_batch_s"] = self.loader.first_batch_s
+        return out
+
+    def run(self) -> dict:
+        """The timed windows of whole epochs: img/s and CPU over the windows, epochs' wall beside."""
+        reset_peak_memory(self.device)
+        self.sync()
+        t0 = time.perf_counter()
+        out = self.work()
+        self.sync()
+        return {**out, "wall_s": out.pop("timed_wall_s"), "epoch_wall_s": time.perf_counter() - t0,
+                "peak_memory_gib": peak_memory_gib(self.device)}
 
     def warm_up(self) -> dict:
         return self.work(1)
@@ -170,6 +218,16 @@ class LoaderRow(Row):
     def lead_in(self):
         for _ in self.batches():
             pass
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device) -> float | None:
+    """The allocator's peak since reset_peak_memory (graph pools included): what a batch size needs."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
 def synthetic_batch(args, batch_size: int, num_classes: int, device):
@@ -250,8 +308,8 @@ def build_rows(args, device) -> tuple[list[Row], dict]:
     # With --cuda-graphs the loaders feed the graphed step, as train.py --cuda-graphs does, and
     # their stall is against the graphed model-only row.
     graphed = next((r for r in rows if r.name == "model only, graphed"), None)
-    rows += [LoaderRow(f"e2e {n}", graphed.step, inputs, loaders[n], epochs[n], device, reference=graphed.name)
-             if graphed else LoaderRow(f"e2e {n}", step, inputs, loaders[n], epochs[n], device) for n in names]
+    rows += [LoaderRow(f"e2e {n}", (graphed or rows[0]).step, inputs, loaders[n], epochs[n], device,
+                       reference=(graphed or rows[0]).name, timed_from_step=args.timing_warmup_steps) for n in names]
     settings = {"data": str(data), "arch": args.arch, "image_size_px": args.image_size,
                 "batch_size": args.batch_size, "batch_sizes": args.batch_sizes, "precision": precision.name,
                 "channels_last": args.channels_last, "compile": args.compile, "compile_modes": args.compile_modes,
@@ -259,6 +317,7 @@ def build_rows(args, device) -> tuple[list[Row], dict]:
                 "workers": args.workers,
                 "decode": args.decode, "device": str(device), "rounds": args.rounds,
                 "model_steps_per_round": model_steps, "epochs_per_round": epochs,
+                "e2e_timed_from_step": {n: r.timed_from_step for n, r in zip(names, rows[-len(names):])} if names else {},
                 "steps_per_epoch": {n: len(l) for n, l in loaders.items()}, "torch_threads": torch.get_num_threads()}
     return rows, settings
 
@@ -267,30 +326,46 @@ COLUMNS = [("row", "name", ""), ("img/s", "imgs_per_s", ".1f"), ("min", "imgs_pe
            ("max", "imgs_per_s_max", ".1f"), ("of model", "of_model_only", ".2f"), ("stall", "stall", ".1%"),
            ("aug share", "augment_share", ".1%"), ("wait %", "wait_pct", ".1f"), ("cores", "cores_used", ".2f"),
            ("CPU %", "cpu_util_pct", ".0f"), ("CPU ms/img", "cpu_ms_per_img", ".2f"), ("steps", "steps_per_round", "d"),
-           ("1st batch cold s", "first_batch_s_cold", ".2f")]
+           ("epoch img/s", "epoch_imgs_per_s", ".1f"), ("1st wait s", "first_wait_s", ".3f"),
+           ("1st batch cold s", "first_batch_s_cold", ".2f"), ("peak GiB", "peak_memory_gib", ".1f"),
+           ("error", "error", "")]
 
 
 def summarize(rows: list[Row], results: dict) -> list[dict]:
+    """One dict per row that has timed runs (or an error); ratios against the reference row's runs
+    of the same rounds, None while the reference has none (a partial write)."""
     out = []
     for row in rows:
         result = results[row.name]
-        ratio = paired(result, results[getattr(row, "reference", "model only")])
-        e2e = isinstance(row, LoaderRow)
+        if not result["runs"]:
+            if "error" in result:
+                out.append({"name": row.name, "error": result["error"]})
+            continue
+        reference = results[getattr(row, "reference", "model only")]
+        ratio = paired(result, reference) if reference["runs"] else {"median": None, "min": None, "max": None}
+        e2e = isinstance(row, LoaderRow) and ratio["median"] is not None
         wall_s = sum(r["wall_s"] for r in result["runs"])
-        out.append({"name": row.name, **stats(result), "of_model_only": ratio["median"],
-                    "stall": 1 - ratio["median"] if e2e else None,
-                    "stall_min": 1 - ratio["max"] if e2e else None, "stall_max": 1 - ratio["min"] if e2e else None,
-                    "augment_share": 1 - ratio["median"] if row.name == "model + augment" else None,
-                    "wait_pct": 100 * sum(r["wait_s"] for r in result["runs"]) / wall_s if e2e else None,
-                    "steps_per_round": result["runs"][0]["steps"]})
+        peaks = [r["peak_memory_gib"] for r in result["runs"] if r.get("peak_memory_gib") is not None]
+        summary = {"name": row.name, **stats(result), "of_model_only": ratio["median"],
+                   "stall": 1 - ratio["median"] if e2e else None,
+                   "stall_min": 1 - ratio["max"] if e2e else None, "stall_max": 1 - ratio["min"] if e2e else None,
+                   "augment_share": 1 - ratio["median"] if row.name == "model + augment" and ratio["median"] else None,
+                   "wait_pct": 100 * sum(r["wait_s"] for r in result["runs"]) / wall_s if e2e else None,
+                   "steps_per_round": result["runs"][0]["steps"], "peak_memory_gib": max(peaks) if peaks else None}
+        if isinstance(row, LoaderRow):  # whole epochs, start included, and each epoch's first wait apart
+            runs = result["runs"]
+            summary["epoch_imgs_per_s"] = sum(r["epoch_images"] for r in runs) / sum(r["epoch_wall_s"] for r in runs)
+            summary["first_wait_s"] = statistics.median(w for r in runs for w in r["first_wait_s"])
+            summary["timed_steps_per_round"] = runs[0]["steps"] - len(runs[0]["first_wait_s"]) * row.timed_from_step
+        out.append(summary)
     return out
 
 
 def bar(r: dict) -> tuple:
-    if r["stall"] is not None:
+    if r.get("stall") is not None:
         note = f"stall {r['stall']:.0%}, waiting {r['wait_pct']:.0f}%"
     else:
-        note = f"augment share {r['augment_share']:.0%}" if r["augment_share"] is not None else ""
+        note = f"augment share {r['augment_share']:.0%}" if r.get("augment_share") is not None else ""
     return (r["name"], r["imgs_per_s"], r["imgs_per_s_min"], r["imgs_per_s_max"], COLORS.get(r["name"], "#7f7f7f"),
             note)
 
@@ -308,19 +383,30 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rows, settings = build_rows(args, device)
     report = Report("train_fps", argv)
-    out = summarize(rows, measure(rows, rounds=args.rounds, who="train_fps"))
-    best = max((r for r in out if r["name"].startswith("model only")), key=lambda r: r["imgs_per_s"])
+
+    def progress(results: dict):  # the JSON as rows complete: a cut-off run (a hang killed) keeps them
+        report.write_partial(args, settings, summarize(rows, results))
+
+    out = summarize(rows, measure(rows, rounds=args.rounds, who="train_fps", keep_going=True, progress=progress))
+    measured = [r for r in out if "imgs_per_s" in r]
+    best = max((r for r in measured if r["name"].startswith("model only")), key=lambda r: r["imgs_per_s"],
+               default=None)
     setting = (f"{args.arch}, {args.image_size} px, batch {args.batch_size}, {settings['precision']}, "
                f"{'channels_last' if args.channels_last else 'contiguous'}{', compiled' if args.compile else ''}, "
                f"{args.workers} workers, {torch.get_num_threads()} torch threads, on {device}; {args.rounds} rounds of "
                f"{settings['model_steps_per_round']} model steps")
-    result = report.write(args, setting, settings, out, COLUMNS, [bar(r) for r in out],
+    result = report.write(args, setting, settings, out, COLUMNS, [bar(r) for r in measured],
                           "training images/s (median over rounds, min-max whiskers)",
-                          reference=(out[0]["imgs_per_s"], "model only"),
+                          reference=(measured[0]["imgs_per_s"], "model only") if measured else None,
                           modules=("torchvision", *[{"ffcv": "ffcv", "dali": "nvidia.dali"}[n] for n in
                                                      settings["steps_per_epoch"] if n != "torchvision"]),
-                          best_model_only={"row": best["name"], "imgs_per_s": best["imgs_per_s"]})
-    print(f"fastest model-only row: {best['name']}, {best['imgs_per_s']:.1f} img/s")
+                          best_model_only=best and {"row": best["name"], "imgs_per_s": best["imgs_per_s"]})
+    if best:
+        print(f"fastest model-only row: {best['name']}, {best['imgs_per_s']:.1f} img/s")
+    failed = [r for r in out if "error" in r]
+    if failed:
+        raise UserError("train_fps: " + "; ".join(f"row {r['name']!r} failed: {r['error']}" for r in failed)
+                        + f" (the other rows are in {args.json})")
     return result
 
 

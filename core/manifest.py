@@ -13,8 +13,19 @@ several GB/s, so a full check runs at the disk's speed.
 import json
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
+
+from core.errors import ConfigError
+
+try:
+    import google_crc32c
+except ImportError as missing:  # only checksumming needs it: importing the loaders (a training step) does not
+    class _Missing:
+        def __getattr__(self, name, error=str(missing)):
+            raise ConfigError(f"google-crc32c does not import ({error}): it checksums converted data; "
+                              f"pip install google-crc32c (on a lent GPU: bash bench/carry_ffcv.sh)")
+
+    google_crc32c = _Missing()
 
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 16 << 20

@@ -94,7 +94,7 @@ class TrainStep:
             raise ValueError("TrainStep's ema: an AveragedModel(multi_avg_fn=..., use_buffers=True)")
         self.scaler = torch.amp.GradScaler(device.type, init_scale=loss_scale, enabled=precision.needs_scaler)
         self.skipped = torch.zeros((), device=device, dtype=torch.int64)
-        self.graph, self.note = None, None
+        self.graph, self.note, self.captures = None, None, 0  # captures: graphs recorded so far (StepGraph)
         if cuda_graphs:
             why = graph_blocker(model, optimizer, device, compile_mode, graph_stream)
             if why:
@@ -104,6 +104,13 @@ class TrainStep:
                                        DDP_WARMUP_STEPS if is_ddp(model) else WARMUP_STEPS)
         if tensor_lr or self.graph is not None:
             hold_lr_on_device(optimizer, device)
+
+    @property
+    def captured(self) -> bool:
+        """Whether a graph of this step was recorded (and so replays ran), not merely asked for:
+        with --cuda-graphs the first steps run eagerly, and a step that cannot be captured, or
+        whose graph was dropped, runs eagerly throughout or from then on."""
+        return self.captures > 0
 
     def __call__(self, x: torch.Tensor, targets: torch.Tensor, lr: float | None = None) -> torch.Tensor:
         """One step on (x, targets); `lr` sets the learning rate first. Returns the detached loss."""
@@ -261,4 +268,5 @@ class StepGraph:
             if self.whole_step:
                 self.step.update()
         self.captures += 1
+        self.step.captures += 1
 

@@ -66,9 +66,23 @@ def val_resize_px(size_px: int, crop_ratio: float) -> int:
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 N x 3 x H x W on the device -> ImageNet-normalised `dtype`, memory format kept."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255)
+    mean, inv_std = _normalize_constants(images.device, dtype)
     return (images.to(dtype) - mean) * inv_std
+
+
+_NORMALIZE_CONSTANTS = {}  # (device, dtype) -> (mean, 1 / std), both 1 x 3 x 1 x 1 and scaled to 0-255
+
+
+def _normalize_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device and dtype: a tensor built from a Python list is a copy from pageable
+    host memory, which on CUDA blocks the host until the device has caught up; once per step it
+    would keep the host from queueing the next step (and a graphed replay would wait for it)."""
+    key = (device, dtype)
+    if key not in _NORMALIZE_CONSTANTS:
+        mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1) * 255
+        inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1) * 255)
+        _NORMALIZE_CONSTANTS[key] = (mean, inv_std)
+    return _NORMALIZE_CONSTANTS[key]
 
 
 def use_shards(spec: LoaderSpec) -> Shards | None:

@@ -45,13 +45,14 @@ SOF_OTHER = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  
 STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RSTn, SOI
 
 SOF_ALL = {*SOF_SEQUENTIAL, *SOF_OTHER}
-_SOI, _SEGMENT, _FRAME = struct.Struct(">H"), struct.Struct(">BBH"), struct.Struct(">HHB")  # big-endian fields
+_SOI, _SEGMENT, _FRAME = struct.Struct(">H"), struct.Struct(">BBH"), struct.Struct(">BHHB")  # big-endian fields
 
 
 def jpeg_header(data) -> tuple[int, int, bool] | None:
     """(height, width, device_ok) from a JPEG's frame header, or None when `data` (bytes or a
-    memoryview) is no JPEG. device_ok: baseline or extended sequential with 3 components (YCbCr),
-    what nvJPEG's batched decoder takes; progressive, CMYK and grayscale JPEGs are not.
+    memoryview) is no JPEG. device_ok: baseline or extended sequential, 8 bits per sample, with 3
+    components (YCbCr), what nvJPEG's batched decoder takes; progressive, 12-bit (extended
+    sequential allows it), CMYK and grayscale JPEGs are not.
 
     It walks the segments (a few before the frame), each read with one struct call: searching for
     an SOF marker's bytes instead could land inside an APP segment (an EXIF thumbnail has its own)."""
@@ -70,8 +71,8 @@ def jpeg_header(data) -> tuple[int, int, bool] | None:
         elif marker in SOF_ALL:
             if i + 10 > n:
                 return None
-            height, width, components = _FRAME.unpack_from(data, i + 5)
-            return height, width, marker in SOF_SEQUENTIAL and components == 3
+            bits, height, width, components = _FRAME.unpack_from(data, i + 4)
+            return height, width, marker in SOF_SEQUENTIAL and bits == 8 and components == 3
         else:
             i += 2 + length
     return None

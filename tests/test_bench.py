@@ -10,6 +10,7 @@ of work and its targets, and a bad --loaders names the flag.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,6 +96,10 @@ def test_train_fps_reports_stall_per_loader(data, tmp_path):
     assert all(r["imgs_per_s"] > 0 for r in rows.values())
     assert e2e["stall"] == pytest.approx(1 - e2e["imgs_per_s"] / rows["model only"]["imgs_per_s"])
     assert 0 <= e2e["wait_pct"] <= 100
+    # train.py's window: from step 5 of each epoch, clamped as train.py clamps it (4 steps: from step 3),
+    # the epoch's start (its first wait) reported apart, and the whole epochs beside
+    assert result["settings"]["e2e_timed_from_step"] == {"torchvision": 3}
+    assert e2e["timed_steps_per_round"] == 1 and e2e["first_wait_s"] >= 0 and e2e["epoch_imgs_per_s"] > 0
     assert result["settings"]["device"] == "cpu" and result["targets"] == []  # no ffcv/dali row, no target
     assert png.read_bytes()[:8] == PNG_MAGIC
 
@@ -259,24 +264,169 @@ def test_a_measurement_cut_off_keeps_its_complete_rounds_marked_partial():
     assert not harness.measure.partial
 
 
-def test_the_accelerator_preflight_runs_here_and_names_a_carried_package_that_is_missing(tmp_path):
+def test_the_accelerator_preflight_names_the_machine_and_a_missing_part_only_skips_its_stages(tmp_path):
+    """Fatal only without torch, the device or a captured step: a missing google_crc32c (its import
+    blocked here, as if the wheel had not been carried) is recorded with its reason, and the
+    preflight goes on to the other parts and exits 0."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "bench/accelerator_checks.py", "--preflight", "--device", "cpu"]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "preflight: sgd: 6 steps, eager" in proc.stdout and "preflight: rmsprop: 6 steps" in proc.stdout
-    # as if the crc32c wheel had not been carried: the import fails, so the preflight must
-    (tmp_path / "sitecustomize.py").write_text(
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.partition('.')[0] == 'google_crc32c':\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
         "sys.meta_path.insert(0, Block())\n")
-    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{REPO}"
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "preflight: cannot import google_crc32c (needed by" in proc.stderr
-    assert "Traceback" not in proc.stderr and "preflight: sgd" not in proc.stdout
+    env["PYTHONPATH"] = f"{tmp_path / 'block'}{os.pathsep}{REPO}"
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, "bench/accelerator_checks.py", "--preflight", str(work), "--device", "cpu"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "preflight: device: cpu (" in proc.stdout and "targets: none for this device" in proc.stdout
+    found = json.loads((work / "preflight.json").read_text())
+    assert found["fatal"]["ok"] and found["machine"]["torch"] and found["machine"]["torchvision"]
+    parts = dict(line.split(" ", 1) for line in (work / "parts.txt").read_text().splitlines())
+    assert parts["google_crc32c"].startswith("missing: ") and "google_crc32c" in parts["google_crc32c"]
+    assert parts["nvjpeg"] == "ok"  # the CPU as the device: torchvision's or TorchCodec's decoder
+
+
+def test_the_accelerator_help_prints_and_starts_nothing(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": "false"}
+    proc = subprocess.run(["bash", "bench/accelerator.sh", "--help"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0 and "--rehearse" in proc.stdout and "FAULT=" in proc.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+    bad = subprocess.run(["bash", "bench/accelerator.sh", "--nope"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "--help" in bad.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_carried_library_the_machine_has_is_not_put_first_even_when_ldconfig_dies_of_sigpipe(tmp_path):
+    """`ldconfig -p | grep -q NAME` under pipefail: grep leaves at the first match, ldconfig writing
+    the rest gets SIGPIPE, the pipeline fails, and the carried copy shadowed the machine's."""
+    bin_dir, carry = tmp_path / "bin", tmp_path / "carry"
+    bin_dir.mkdir()
+    (carry / "site").mkdir(parents=True)
+    (carry / "lib").mkdir()
+    for name in ("libhave.so.1", "liblack.so.2"):
+        (carry / "lib" / name).write_bytes(b"")
+    (bin_dir / "ldconfig").write_text("#!/bin/bash\n"  # the cache: our library first, then a long tail
+                                      "printf '\\tlibhave.so.1 (libc6,x86-64) => /usr/lib/libhave.so.1\\n'\n"
+                                      "yes $'\\tlibother.so.0 (libc6,x86-64) => /usr/lib/libother.so.0' | head -n 200000\n")
+    (bin_dir / "ldconfig").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CARRY": str(carry),
+           "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": "false", "BUDGET_S": "1"}
+    proc = subprocess.run(["bash", "bench/accelerator.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert "dry run: carried libraries put first: liblack.so.2\n" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_targets_per_gpu_follow_from_the_anchor_and_fit_the_memory():
+    """Every GPU set but the anchor states values derived from it by the bandwidth ratio (rounded
+    down; a ratio to the tenth), and its batch sweep fits 85% of its memory at the stated MiB per image; the harness
+    picks a set by the name torch reports, and none for a card with no set."""
+    import math
+    import yaml
+    targets = yaml.safe_load(harness.TARGETS.read_text())
+    devices = targets["devices"]
+    for name, values in devices.items():
+        assert max(values["batch_sweep"]) * targets["sweep_mib_per_image"] <= 0.85 * values["memory_gib"] * 1024, name
+        if "derived_from" in values:
+            anchor = devices[values["derived_from"]]
+            ratio = values["bandwidth_tb_s"] / anchor["bandwidth_tb_s"]
+            assert values["model_only_imgs_per_s"] == math.floor(anchor["model_only_imgs_per_s"] * ratio / 100) * 100
+            assert values["graphed_x_eager"] == round(anchor["graphed_x_eager"] * ratio, 1)
+    assert harness.device_targets("NVIDIA H100 80GB HBM3")[0] == "h100_80gb"
+    assert harness.device_targets("NVIDIA H200")[0] == "h200"
+    assert harness.device_targets("NVIDIA A100-SXM4-80GB") == (None, {}) and harness.device_targets(None) == (None, {})
+    rows = [{"name": "model only, graphed", "of_model_only": 1.5}]
+    (h100,) = harness.check_targets("train_fps", rows, {}, "NVIDIA H100 80GB HBM3")
+    (h200,) = harness.check_targets("train_fps", rows, {}, "NVIDIA H200")
+    assert (h100["target"], h100["met"], h100["device_set"]) == ("graphed step >= 1.4x eager at --batch-size", True,
+                                                                 "h100_80gb")
+    assert (h200["threshold"], h200["met"]) == (2.0, False)
+    assert harness.check_targets("train_fps", rows, {}, None) == []  # the CPU: no set, no such target
+
+
+def test_the_verdict_names_the_target_set_of_the_card_it_ran_on(tmp_path):
+    from bench.accelerator_checks import checks
+    (tmp_path / "preflight.json").write_text(json.dumps({
+        "machine": {"gpu": "NVIDIA H100 80GB HBM3"}, "device_line": "NVIDIA H100 80GB HBM3, ...", "parts": {}}))
+    (tmp_path / "train_fps_device.json").write_text(json.dumps({
+        "settings": {"e2e_step": "graphed", "e2e_timed_from_step": {"torchvision": 5}},
+        "best_model_only": {"row": "model only, graphed", "imgs_per_s": 18000.0},
+        "rows": [{"name": "model only", "imgs_per_s": 8000.0},
+                 {"name": "model only, graphed", "imgs_per_s": 18000.0, "of_model_only": 2.25}]}))
+    verdict = checks(tmp_path)
+    assert verdict["target_set"] == "h100_80gb" and verdict["targets"]["model_only_imgs_per_s"] == 17400
+    by_name = {c["check"]: c for c in verdict["checks"]}
+    assert by_name["best model-only >= 17,400 img/s (h100_80gb)"]["met"] is True
+    assert by_name["graphed >= 1.4x eager at the base batch (h100_80gb)"]["met"] is True
+
+
+def test_one_failing_row_costs_that_row_and_rows_are_handed_over_as_they_complete():
+    class Failing(Step):
+        def work(self):
+            if self.log.count("b-run") == 1:  # its second timed run: out of memory, say
+                raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            self.log.append("b-run")
+            return super().work()
+
+    log, seen = [], []
+    results = harness.measure([Step("a", log), Failing("b", log)], rounds=3, warmups=0, keep_going=True,
+                              progress=lambda r: seen.append({n: len(v["runs"]) for n, v in r.items()}))
+    assert [len(results[n]["runs"]) for n in "ab"] == [3, 1]
+    assert results["b"]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert seen[0] in ({"a": 1, "b": 0}, {"a": 0, "b": 1}) and seen[-1] == {"a": 3, "b": 1}
+    with pytest.raises(RuntimeError):  # without keep_going a failure is the benchmark's
+        harness.measure([Failing("b", ["b-run"])], rounds=1, warmups=0)
+
+
+def test_a_hung_stage_and_a_failed_one_cost_only_themselves(data, tmp_path):
+    """The call itself on this machine (its .venv, the CPU as the device) with its fault hooks:
+    train.py under torchrun made to hang (the worker, which torchrun starts in a session of its
+    own, ignores SIGINT and SIGTERM, as a process stuck in a CUDA call would), step_agreement made
+    to fail, FFCV marked missing. The hung stage is ended whole at its limit, worker included; the
+    failed one records its exit; the FFCV stage is skipped saying why; the others' figures come back."""
+    import shutil
+    import tarfile
+    from bench.accelerator_checks import returned
+    shutil.copytree(data, tmp_path / "data")  # the builder adds shards: not to the shared fixture
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "OUT": str(out), "WORK": str(work),
+           "DATA": str(tmp_path / "data"), "CARRY": str(tmp_path / "no-carry"), "GRACE_S": "3",
+           "STAGES": "step_agreement,train_bf16_graphs,decode_agreement,train_fps_ffcv",
+           "FAULT": "train_bf16_graphs:hang,step_agreement:fail,part:ffcv", "LIMITS": "train_bf16_graphs=25,preflight=900"}  # the preflight: whatever the shared cores' load
+    call = subprocess.Popen(["bash", "bench/accelerator.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    stdout, _ = call.communicate(timeout=1200)  # returns: nothing the stages left holds the pipe
+    stages = {s["stage"]: s for s in map(json.loads, (work / "stages.jsonl").read_text().splitlines())}
+    assert call.returncode == 1 and list(stages) == ["preflight", "step_agreement", "train_bf16_graphs",
+                                                     "decode_agreement", "train_fps_ffcv"], stdout[-3000:]
+    assert stages["preflight"]["rc"] == 0 and "preflight: device: cpu (" in stdout
+    assert stages["step_agreement"]["rc"] == 3  # the injected failure's exit status
+    hung = stages["train_bf16_graphs"]
+    assert hung["rc"] == 124 and "ended at its limit" in hung["note"] and hung["wall_s"] <= 25 + 3 + 15, hung
+    assert stages["decode_agreement"]["rc"] == 0 and (work / "decode_agreement.json").exists()
+    assert stages["train_fps_ffcv"]["skipped"] and "ffcv" in stages["train_fps_ffcv"]["reason"]
+    # the worker that hung led its own session (torchrun's start_new_session), and it is gone
+    pid, sid = map(int, re.search(r"FAULT: pid (\d+) \(session (\d+)\) hangs",
+                                  (work / "logs" / "train_bf16_graphs.log").read_text()).groups())
+    assert pid == sid
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    token = f"MNV3_STAGE_TOKEN=mnv3-{call.pid}-".encode()
+    alive = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if token in environ.read_bytes():
+                alive.append(environ.parent.name)
+        except OSError:  # gone meanwhile, or not ours
+            pass
+    assert alive == []
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = {n.removeprefix("./") for n in tar.getnames()}
+    assert {"decode_agreement.json", "checks.json", "stages.jsonl", "preflight.json"} <= names
+    assert returned(out, call.returncode, {"train_bf16_graphs": "hang", "step_agreement": "fail"}, "ffcv") == []
 
 
 def test_the_rehearsal_refuses_what_would_not_come_back(tmp_path):

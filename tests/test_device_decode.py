@@ -62,6 +62,19 @@ def test_the_header_gives_the_size_and_whether_nvjpeg_takes_it(mode, fmt, kw, ex
     assert tuple(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8)).shape) == (3, 40, 50)
 
 
+def test_a_12_bit_jpeg_is_not_for_nvjpegs_batched_path():
+    """Extended sequential (SOF1) allows 12 bits per sample, which nvJPEG's batched decoder does not
+    take (it failed the whole batch): the frame's precision byte is read, not only its marker.
+    PIL writes no 12-bit JPEG, so an 8-bit one's frame header is rewritten: SOF1, precision 12."""
+    data = bytearray(_encode("RGB"))
+    frame = data.index(b"\xff\xc0")
+    assert data[frame + 4] == 8 and jpeg_header(bytes(data)) == (40, 50, True)
+    data[frame + 1] = 0xC1  # extended sequential, still 8 bits: nvJPEG takes it
+    assert jpeg_header(bytes(data)) == (40, 50, True)
+    data[frame + 4] = 12
+    assert jpeg_header(bytes(data)) == (40, 50, False)
+
+
 def test_a_truncated_or_foreign_file_has_no_header():
     data = _encode("RGB")
     assert jpeg_header(data[:20]) is None and jpeg_header(b"GIF89a" + data) is None and jpeg_header(b"") is None

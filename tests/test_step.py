@@ -12,6 +12,7 @@ import gc
 import json
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.errors import ConfigError
 from engine import precision as precision_module
@@ -28,7 +30,8 @@ from engine.config import parse_config
 from engine.optim import (OptimizerConfig, build_optimizer, current_lr, hold_lr_on_device, portable_state_dict,
                           resolve_impl, set_lr)
 from engine.precision import Precision
-from engine.step import DDP_WARMUP_STEPS, WARMUP_STEPS, TrainStep, capture_stream, graph_blocker, unwrap
+from engine.step import DDP_WARMUP_STEPS, WARMUP_STEPS, DeviceInput, TrainStep, capture_stream, graph_blocker, unwrap
+from loaders.common import IMAGENET_MEAN, IMAGENET_STD, normalize
 from loaders.device_decode import DEVICE_WORK
 from model import create_model
 from test_train import REPO, ok, records, run_train
@@ -314,6 +317,75 @@ def test_train_fps_adds_a_row_per_batch_size_and_leaves_the_graphed_rows_out_on_
     assert bad.returncode == 2 and "fastest: choose from default,max-autotune-no-cudagraphs,reduce-overhead" in bad.stderr
 
 
+# -- no host synchronisation in a step ---------------------------------------------------------------
+# What a host sync is made of, as the dispatcher sees it on any device: a tensor made from host
+# data (torch.tensor(list, device=...): on CUDA a blocking copy from pageable memory) and a value
+# read back (.item(), bool(t), float(t)). On the CPU nothing blocks, but the same ops show.
+HOST_OPS = ("aten.lift_fresh.default", "aten._local_scalar_dense.default")
+
+
+class HostOps(TorchDispatchMode):
+    """Records each HOST_OPS op: the innermost of our frames that led to it, and whether it came from
+    inside torch's optimizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in HOST_OPS:
+            stack = traceback.extract_stack()[:-1]  # without this frame
+            ours = [f for f in stack if "site-packages" not in f.filename and f.filename != __file__]
+            in_torch_optimizer = any("/torch/optim/" in f.filename for f in stack)
+            self.seen.append((str(func), f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?",
+                              in_torch_optimizer))
+        return func(*args, **(kwargs or {}))
+
+
+def test_normalize_makes_its_constants_once_per_device_and_dtype():
+    """A step's normalisation made its mean and std from Python lists every call: on CUDA two
+    blocking host copies per step. Made once per (device, dtype), later calls only compute."""
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    for dtype in (torch.float32, torch.float64):
+        normalize(images, dtype)  # the first call per dtype may make them
+        with HostOps() as ops:
+            out = normalize(images, dtype)
+        assert ops.seen == [], ops.seen
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, dtype=dtype).view(1, 3, 1, 1) * 255
+        torch.testing.assert_close(out, (images.to(dtype) - mean) / std)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "rmsprop"])
+def test_a_steady_state_step_makes_no_tensor_from_host_data_and_reads_nothing_back(opt):
+    """The trainer's step (DeviceInput + TrainStep, LR in a device tensor as under capture) on the
+    CPU: fused SGD issues neither op at all; RMSprop only inside torch's CPU path (its step counter
+    is a host tensor off CUDA, where capturable mode keeps it on the device: the CUDA test below)."""
+    model = small_model()
+    step = TrainStep(model, build_optimizer(model, OptimizerConfig(name=opt)), Precision(False), CPU, tensor_lr=True)
+    inputs = DeviceInput()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 4, (4,))
+    for i in range(3):
+        step(*inputs(images, labels, i), lr=0.01)
+    with HostOps() as ops:
+        step(*inputs(images, labels, 3), lr=0.01)
+    ours = [(op, where) for op, where, in_optimizer in ops.seen if not in_optimizer]
+    assert ours == [], ours
+    if opt == "sgd":
+        assert ops.seen == [], ops.seen
+
+
+def test_captured_is_false_until_a_graph_is_recorded():
+    model = small_model()
+    step = TrainStep(model, build_optimizer(model, OptimizerConfig(name="sgd")), Precision(False), CPU,
+                     cuda_graphs=True)  # the CPU cannot capture: eager throughout
+    for i in range(WARMUP_STEPS + 2):
+        step(*batch(seed=i), lr=0.01)
+    assert step.note and step.captures == 0 and step.captured is False
+
+
 # -- CUDA only (every name has "cuda": -k test_cuda_) ------------------------------------------------
 def cuda_steps(cuda_graphs: bool, precision: Precision, steps: int = 20, loss_scale: float = 2.0 ** 16,
                opt: str = "rmsprop", ddp: bool = False) -> dict:
@@ -381,6 +453,51 @@ def test_cuda_graphed_ddp_in_a_one_process_nccl_group_agrees_with_eager(monkeypa
         dist.destroy_process_group()
     assert graphed["captures"] == 1 and graphed["warmup_steps"] == DDP_WARMUP_STEPS
     assert_graphed_agrees_with_eager(graphed, eager, Precision(False))
+
+
+@cuda_only
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphed", "eager"])
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augment"])
+def test_cuda_steady_state_steps_never_synchronise_the_host(graphs, augment):
+    """train.py's step as it runs once warm (DeviceInput with or without the recipe's device
+    augmentation, TrainStep in bf16 with its RMSprop, the LR set every step) under
+    torch.cuda.set_sync_debug_mode("error"): any call that waits for the device raises."""
+    device = torch.device("cuda", 0)
+    model = small_model(device)
+    step = TrainStep(model, build_optimizer(model, OptimizerConfig()), Precision(True, torch.bfloat16), device,
+                     cuda_graphs=graphs, tensor_lr=True)
+    if augment:
+        from augment import DeviceAugment
+        inputs = DeviceInput(DeviceAugment(num_classes=4, auto_augment="imagenet", random_erase=0.2, seed=0))
+    else:
+        inputs = DeviceInput()
+    g = torch.Generator(device).manual_seed(0)
+    images = torch.randint(0, 256, (8, 32, 32, 3), generator=g, dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    labels = torch.randint(0, 4, (8,), generator=g, device=device)
+    for i in range(WARMUP_STEPS + 2):  # warm-up, capture, a replay: the steady state from here
+        step(*inputs(images, labels, i), lr=0.01)
+    assert step.captured == graphs
+    losses = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(WARMUP_STEPS + 2, WARMUP_STEPS + 7):
+            losses.append(step(*inputs(images, labels, i), lr=0.01 * (1 - i / 20)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(torch.stack(losses)).all()
+
+
+@cuda_only
+def test_cuda_captured_turns_true_at_the_capture():
+    device = torch.device("cuda", 0)
+    model = small_model(device, dropout=0.0)
+    step = TrainStep(model, build_optimizer(model, OptimizerConfig(name="sgd", lr=0.01)), Precision(False), device,
+                     cuda_graphs=True)
+    seen = []
+    for i in range(WARMUP_STEPS + 2):
+        step(*batch(n=8, px=32, seed=i, device=device))
+        seen.append(step.captured)
+    assert seen == [False] * WARMUP_STEPS + [True, True] and step.captures == 1
 
 
 @cuda_only
