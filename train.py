@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from convert.make_sample import default_sample_dir, ensure_sample
+from convert.default_data import default_sample_dir, ensure_sample
 from core.dataset import CONVERTED_DIRS
 from core.errors import (CheckpointError, ConfigError, DatasetError, ExitStatus, LoaderError, TrainingDiverged,
                          run_command)
