@@ -1,10 +1,29 @@
 """Fixtures shared by every test file. Run the tests with `python -m pytest -q tests` (the project
 installed, as `make test` does: `pip install -e .`)."""
+import gc
 from pathlib import Path
 
 import pytest
 
 from convert.make_sample import make_sample
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """No garbage collection while pytest writes a test's report. Formatting a failure parses the
+    test's source with `ast`, and CPython 3.11.7's AST builder keeps its recursion depth in one
+    counter per interpreter: a collection in the middle runs finalisers, and one that parses too
+    (or lets another thread parse) leaves the counter off, so the report itself fails with
+    `SystemError: AST constructor recursion depth mismatch`: a pytest INTERNALERROR, no verdict.
+    With collection off, no Python code runs inside the parse. (CPython 3.11.8 gives each parse
+    its own counter: python/cpython#113035.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @pytest.fixture(scope="session")
