@@ -45,3 +45,21 @@ def tiny_converted(tiny_sample, tmp_path_factory) -> Path:
     to_ffcv(root, workers=2, progress=False)
     to_shards(root, workers=2, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def default_sample(tmp_path_factory) -> Path:
+    """The sample dataset at make_sample's defaults (what `make demo` trains on: 10 classes, 400 +
+    100 images), built once per session for the tests that read it."""
+    return make_sample(tmp_path_factory.mktemp("default_sample"), quiet=True)
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(tiny_sample, tmp_path_factory) -> Path:
+    """The output folder of test_train's plainest run (TINY, --loader torchvision, one epoch on
+    tiny_sample), run once per session: the tests that start from such a run copy it (shutil.copytree)
+    before writing into it, and read it in place otherwise."""
+    from test_train import ok, run_train
+    out = tmp_path_factory.mktemp("one_epoch_run") / "run"
+    ok(run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "1"], out))
+    return out
