@@ -47,7 +47,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if min(args.epochs, args.batch_size, args.image_size, args.workers) < 1:
         raise ConfigError("--epochs, --batch-size, --image-size and --workers must be >= 1")
-    from convert.make_sample import ensure_sample
+    from convert.default_data import ensure_sample
     data = ensure_sample(args.data, "decode_agreement", loaders=("torchvision",))
     sums = torch.zeros(3, dtype=torch.int64, device=args.device)  # |difference|, pixels within 1, labels that differ
     worst, count, images = torch.zeros((), dtype=torch.int16, device=args.device), 0, 0

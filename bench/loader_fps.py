@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def prepare(args):
     """Set args.data, beton_dir, shards_dir and reads (what each library reads); convert what is missing."""
-    from convert.make_sample import ensure_sample
+    from convert.default_data import ensure_sample
     args.data = data = ensure_sample(args.data, "loader_fps")
     if not (data / args.split).is_dir():
         raise ConfigError(f"--data {data}: no {args.split}/ folder (expected {data}/{args.split}/<class>/<image>)")

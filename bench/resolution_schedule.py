@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import Report, add_output_flags, cores
-from convert.make_sample import ensure_sample
+from convert.default_data import ensure_sample
 from core.errors import ConfigError, UserError, run_command
 from loaders import LOADERS
 

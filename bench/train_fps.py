@@ -277,7 +277,7 @@ def build_rows(args, device) -> tuple[list[Row], dict]:
     unknown = [n for n in names if n not in LOADERS]
     if unknown:
         raise ConfigError(f"--loaders {','.join(unknown)}: choose from {','.join(LOADERS)}")
-    from convert.make_sample import ensure_sample
+    from convert.default_data import ensure_sample
     data = ensure_sample(args.data, "train_fps", loaders=names)
     loaders = {n: build_loader(n, split="train", data=data, batch_size=args.batch_size, workers=args.workers,
                                image_size=args.image_size, seed=args.seed, device=device,

@@ -158,23 +158,14 @@ def default_sample_dir() -> Path:
     return Path(os.environ.get("MNV3_SAMPLE_DIR", Path(__file__).resolve().parent.parent / "data" / "sample"))
 
 
-def ensure_sample(data=None, who: str = "", loaders=()) -> Path:
-    """`data` if given; else the built-in sample dataset, built once (saying so) and converted once
-    for each of `loaders` that reads converted files (ffcv: .beton files; dali: record shards)."""
+def sample_root(data=None, who: str = "") -> Path:
+    """`data` if given; else the built-in sample dataset at default_sample_dir(), built once (saying so).
+    The converters call this; convert/default_data.py adds the conversions the loaders need on top."""
     if data:
         return Path(data)
     path = default_sample_dir()
     print(f"{who or 'note'}: no dataset given: using the built-in sample dataset at {path}", file=sys.stderr)
-    make_sample(path)
-    if "ffcv" in loaders and not (path / "ffcv" / "val.beton").exists():
-        from convert.to_ffcv import convert as to_ffcv
-        print(f"{who}: converting the sample dataset for FFCV into {path / 'ffcv'}", file=sys.stderr)
-        to_ffcv(path, progress=False)
-    if "dali" in loaders and not list((path / "shards").glob("val-*.idx")):
-        from convert.to_shards import convert as to_shards
-        print(f"{who}: writing record shards of the sample dataset into {path / 'shards'}", file=sys.stderr)
-        to_shards(path, progress=False)
-    return path
+    return make_sample(path)
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ import numpy as np
 
 from convert.cli import check_options, common_parser, default_workers, parse_with_preset, summarize
 from convert.images import JPEG_QUALITY, MAX_RES_PX, BadImage, load_image, worker_setup
-from convert.make_sample import ensure_sample
+from convert.make_sample import sample_root
 from convert.publish import bad_files_error, partial_path, prepare_out, publish_with_manifest
 from core.dataset import SPLITS, scan
 from core.errors import DatasetError, run_command
@@ -96,7 +96,7 @@ def convert(root=None, out=None, *, splits=SPLITS, max_res_px: int = MAX_RES_PX,
         raise DatasetError(f"--write-mode {write_mode}: use one of {', '.join(WRITE_MODES)}")
     if not 0 <= compress_probability <= 1:
         raise DatasetError(f"--compress-probability {compress_probability}: use a number in 0..1")
-    root = ensure_sample(root, "to_ffcv")
+    root = sample_root(root, "to_ffcv")
     dataset = scan(root, splits, limit)
     out = prepare_out(out, root / "ffcv")
     workers = workers or default_workers()

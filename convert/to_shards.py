@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from convert.cli import check_options, common_parser, default_workers, parse_with_preset, summarize
 from convert.images import JPEG_QUALITY, MAX_RES_PX, BadImage, load_image, worker_setup
-from convert.make_sample import ensure_sample
+from convert.make_sample import sample_root
 from convert.publish import bad_files_error, partial_path, prepare_out, publish_with_manifest
 from core.dataset import SPLITS, scan
 from core.errors import DatasetError, run_command
@@ -126,7 +126,7 @@ def convert(root=None, out=None, *, splits=SPLITS, shard_size: int = SHARD_SIZE,
     check_options(max_res_px, jpeg_quality, workers, limit)
     if shard_size < 1:
         raise DatasetError(f"--shard-size {shard_size}: use 1 or more images per shard (default {SHARD_SIZE})")
-    root = ensure_sample(root, "to_shards")
+    root = sample_root(root, "to_shards")
     dataset = scan(root, splits, limit)
     out = prepare_out(out, root / "shards")
     workers = workers or default_workers()

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from convert.make_sample import default_sample_dir, ensure_sample
+from convert.default_data import default_sample_dir, ensure_sample
 from core.dataset import CONVERTED_DIRS
 from core.errors import ConfigError, DatasetError
 from core.manifest import MANIFEST, size_problems

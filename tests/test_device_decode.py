@@ -319,10 +319,10 @@ def test_prefetch_keeps_order_raises_in_turn_and_stops_its_thread():
     assert not [t for t in threading.enumerate() if t.name == "device-decode"]
 
 
-def test_a_cpu_run_decoding_on_the_device_learns_as_the_host_path_does(tmp_path):
+def test_a_cpu_run_decoding_on_the_device_learns_as_the_host_path_does(default_sample, tmp_path):
     """The demo's recipe on the sample dataset through --loader torchvision, decoded by its workers
     and decoded as a batch with the CPU as the device: the same crops, so the same learning."""
-    data = make_sample(tmp_path / "data", quiet=True)  # the sample's defaults: 10 classes, 400 + 100 images
+    data = default_sample  # the sample's defaults: 10 classes, 400 + 100 images
     results = {}
     for decode in ("cpu", "device"):
         out = tmp_path / decode

@@ -80,9 +80,9 @@ def test_a_rank_killed_mid_epoch_under_torchrun_resumes_and_ends_with_the_same_w
     assert [r["epoch"] for r in records(out)] == [1, 2, 3]  # the log holds each epoch once
 
 
-def test_another_runs_checkpoint_is_kept_and_overwrite_replaces_it(tiny_sample, tmp_path):
+def test_another_runs_checkpoint_is_kept_and_overwrite_replaces_it(tiny_sample, one_epoch_run, tmp_path):
     base = ["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "1"]
-    ok(run_train(base, tmp_path))
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)  # run_train(base), done once per session
     kept = {n: (tmp_path / n).read_bytes() for n in ("checkpoint.pth", "model_best.pth", "config.json",
                                                       "metrics.jsonl")}
     proc = run_train(base + ["--learning-rate", "0.01"], tmp_path)
@@ -97,8 +97,8 @@ def test_another_runs_checkpoint_is_kept_and_overwrite_replaces_it(tiny_sample, 
     assert len(records(tmp_path)) == 1  # the old run's log went with it
 
 
-def test_resuming_another_network_names_what_differs(tiny_sample, tmp_path):
-    ok(run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "1"], tmp_path / "a"))
+def test_resuming_another_network_names_what_differs(tiny_sample, one_epoch_run, tmp_path):
+    shutil.copytree(one_epoch_run, tmp_path / "a")  # a one-epoch run on tiny_sample, done once per session
     proc = run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "1",
                       "--arch", "mobilenetv3_small_050", "--resume", str(tmp_path / "a" / "checkpoint.pth")],
                      tmp_path / "b")

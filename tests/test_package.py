@@ -89,3 +89,70 @@ def test_a_user_error_is_one_line_and_its_exit_code(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"no such folder: {tmp_path / 'nowhere'}: pass the dataset root, "
                                                 f"the folder that holds train/ and val/"]
     assert issubclass(LoaderError, UserError)
+
+
+GRAPH_PACKAGES = ("core", "convert", "loaders", "engine", "model", "augment", "bench", "deploy")
+
+
+def import_graph(root: Path, packages=GRAPH_PACKAGES) -> dict[str, set[str]]:
+    """module -> the project modules it imports, at module level or inside a function (both run)."""
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for pkg in packages for p in (root / pkg).rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's package, one level up per extra dot
+                    package = name.split(".")[: len(name.split(".")) - node.level + (path.name == "__init__.py")]
+                    base = ".".join(package + ([node.module] if node.module else []))
+                # `from pkg import mod` imports the submodule pkg.mod when there is one
+                targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+        found = set()
+        for target in targets:
+            while target and target not in modules:  # `import core.errors.x` -> the module that exists
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+        graph[name] = found
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each cycle found by a depth-first walk, as [a, b, ..., a]; [] when the graph is acyclic."""
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+def test_the_packages_import_one_way(tmp_path):
+    graph = import_graph(REPO)
+    assert {"convert.make_sample", "convert.to_ffcv", "loaders.ffcv_loader", "core.errors"} <= set(graph)
+    assert "convert.make_sample" in graph["convert.to_ffcv"]  # the walk sees imports at all
+    assert import_cycles(graph) == []
+    # and the check sees a cycle when there is one, through a function-level or relative import
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "__init__.py").write_text("")
+    (tmp_path / "core" / "a.py").write_text("import core.b\n")
+    (tmp_path / "core" / "b.py").write_text("def f():\n    from . import a\n")
+    assert import_cycles(import_graph(tmp_path, ("core",))) == [["core.a", "core.b", "core.a"]]

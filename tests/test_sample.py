@@ -29,8 +29,8 @@ def test_the_same_arguments_give_the_same_bytes_and_another_seed_does_not(tmp_pa
     assert _digest(a) == _digest(b) != _digest(c)
 
 
-def test_the_default_sample_looks_like_imagenet_to_a_decoder(tmp_path):
-    root = make_sample(tmp_path / "s", quiet=True)  # the defaults `make demo` uses
+def test_the_default_sample_looks_like_imagenet_to_a_decoder(default_sample):
+    root = default_sample  # the defaults `make demo` uses
     names = class_names(10)
     assert sorted(p.name for p in (root / "train").iterdir()) == names
     assert all(n.startswith("n") and len(n) == 9 for n in names)

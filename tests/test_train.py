@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -271,8 +272,8 @@ def test_pretrained_torchvision_weights_start_a_run_with_a_new_classifier(tiny_s
     assert "classifier re-initialised for 4 classes (file has 1000)" in proc.stdout
 
 
-def test_evaluate_reproduces_the_checkpoints_recorded_accuracy(tiny_sample, tmp_path):
-    ok(run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "1"], tmp_path))
+def test_evaluate_reproduces_the_checkpoints_recorded_accuracy(tiny_sample, one_epoch_run, tmp_path):
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)  # a one-epoch run, done once per session
     recorded = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     proc = ok(run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--evaluate",
                          "--resume", str(tmp_path / "checkpoint.pth")], tmp_path / "eval"))
@@ -299,9 +300,10 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_run_resumes(tiny_sa
     assert f"batch {state['next_batch']}" in resumed.stdout
 
 
-def test_a_loss_that_stays_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_sample, tmp_path):
+def test_a_loss_that_stays_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_sample, one_epoch_run,
+                                                                                      tmp_path):
     base = ["--data", str(tiny_sample), "--loader", "torchvision"]
-    ok(run_train(base + ["--epochs", "1"], tmp_path))
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)  # base + ["--epochs", "1"], done once per session
     good = (tmp_path / "checkpoint.pth").read_bytes()
     proc = run_train(base + ["--epochs", "3", "--resume", str(tmp_path / "checkpoint.pth"), "--learning-rate", "1e30"],
                      tmp_path)
