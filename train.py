@@ -392,7 +392,7 @@ def finish(run: Run) -> dict:
         run.records.summary({**run.result, "best_acc1": run.best_acc1, "imgs_per_s": fps, "epochs": run.args.epochs,
                              "world_size": run.runtime.world_size, "loader": run.args.loader, "arch": run.args.arch,
                              "precision": run.precision.name, "global_batch": run.args.batch_size,
-                             "cuda_graphs": run.step.graph is not None, "hardware": hardware(run.runtime.device)})
+                             "cuda_graphs": run.step.captured, "hardware": hardware(run.runtime.device)})
         run.log(f"Acc@1 {run.result['acc1']:.3f}  Acc@5 {run.result['acc5']:.3f}  FPS {fps:.1f}")
     close(run)
     return {**run.result, "imgs_per_s": fps}
