@@ -5,7 +5,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from convert.default_data import default_sample_dir, ensure_sample
 from core.dataset import CONVERTED_DIRS
 from core.errors import ConfigError, DatasetError
 from core.manifest import MANIFEST, size_problems
@@ -23,6 +22,7 @@ def prepare_data(args, runtime) -> Path:
             raise DatasetError(f"--data {data}: no train/ folder there (expected ImageNet layout "
                                f"{data}/train/<class>/<image> and {data}/val/...)")
         return data
+    from convert.default_data import default_sample_dir, ensure_sample  # here: the sample builder loads PIL
     if runtime.is_main:
         ensure_sample(None, who="train.py", loaders=(args.loader,))
     if runtime.distributed:
