@@ -47,31 +47,46 @@ def wait_for(condition, what: str, timeout_s: float = 120.0, every_s: float = 0.
 
 
 def started_ranks(proc: subprocess.Popen) -> list[psutil.Process]:
-    """torchrun's ranks by rank, once exec'd (a child just forked still has torchrun's environment)."""
+    """torchrun's ranks, by rank, once exec'd (a child just forked still has torchrun's environment)."""
+    found = rank_processes(psutil.Process(proc.pid).children())
+    return [found[r] for r in sorted(found, key=int)]
+
+
+def rank_processes(processes: list[psutil.Process]) -> dict[str, psutil.Process]:
+    """{RANK: process} of torchrun's ranks among `processes` (not their loader workers, which
+    inherit RANK from them)."""
     found = {}
-    for child in psutil.Process(proc.pid).children():
+    for p in processes:
         try:
-            env = child.environ()
-        except psutil.Error:
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = child
-    return [found[r] for r in sorted(found)]
+            env = p.environ()
+            if "RANK" in env and "RANK" not in p.parent().environ():
+                found[env["RANK"]] = p
+        except psutil.Error:  # a loader worker that has just ended
+            pass
+    return found
 
 
-def uses_agent_store(rank: psutil.Process) -> bool:
-    """Whether the rank has a connection open to torchrun's store (MASTER_PORT): it has reached
-    the process group's set-up."""
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def at_group_setup(rank: psutil.Process) -> bool:
+    """Whether the rank has reached the process group's set-up, as seen from outside: it holds a
+    connection to torchrun's store (MASTER_PORT) or listens on a port (a store or gloo of its own)."""
     try:
         port = int(rank.environ()["MASTER_PORT"])
-        return any(c.raddr and c.raddr.port == port for c in rank.net_connections(kind="tcp"))
+        return any(c.status == psutil.CONN_LISTEN or (c.raddr and c.raddr.port == port)
+                   for c in rank.net_connections(kind="tcp"))
     except psutil.Error:
         return False
 
 
 def test_a_rank_killed_before_it_joins_the_group_does_not_break_the_restarts(data, tmp_path):
     """Rank 1 is held (SIGSTOP) as soon as torchrun starts it, long before it imports torch, and
-    killed once rank 0 has been at the store for 3 s: one rank of the attempt reached the store,
+    killed once rank 0 has been at the group's set-up for 3 s: one rank of the attempt reached it,
     the other never did, as with a CUDA-init failure, an import error or an OOM. The restarted
     group must form and finish; on b2d57d1 its ranks counted themselves into two attempts and
     waited --dist-timeout on every restart until --max-restarts ran out."""
@@ -80,7 +95,7 @@ def test_a_rank_killed_before_it_joins_the_group_does_not_break_the_restarts(dat
     try:
         first = wait_for(lambda: len(started_ranks(proc)) == 2 and started_ranks(proc), "2 ranks")
         first[1].suspend()
-        wait_for(lambda: uses_agent_store(first[0]), "connection from rank 0 to torchrun's store", every_s=0.05)
+        wait_for(lambda: at_group_setup(first[0]), "rank 0 at the group's set-up", every_s=0.05)
         time.sleep(3)  # rank 0 past its first use of the store (b2d57d1: its attempt count)
         first[1].kill()
         killed_s = time.monotonic()
@@ -98,12 +113,14 @@ SCRIPT_FLAGS = ["--arch", "mobilenetv3_small_100", "--image-size", "32", "--batc
                 "--device", "cpu", "--print-freq", "1", "--loader", "torchvision", "--epochs", "4"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_to_the_launch_script_reaches_every_rank_and_exits_75(data, tmp_path, signum):
+@pytest.mark.parametrize("target, signum", [("script", signal.SIGTERM), ("script", signal.SIGUSR1),
+                                           ("rank 1", signal.SIGUSR1)])
+def test_a_stop_signal_to_the_launch_script_reaches_every_rank_and_exits_75(data, tmp_path, target, signum):
     """SIGTERM (Slurm's and Kubernetes' first) or SIGUSR1 (sbatch --signal=B:USR1@120) to
-    scripts/train_performance_8p.sh: every rank stops at the checkpoint, the script exits 75 with
-    no traceback, and no rank is left training. b2d57d1: the shell died of the signal (143, 138)
-    and torchrun and its ranks trained on."""
+    scripts/train_performance_8p.sh, or SIGUSR1 to one rank (Slurm's --signal without B:): every
+    rank stops at the checkpoint, the script exits 75 with no traceback, and no rank is left
+    training. b2d57d1: the shell died of the signal (143, 138) and torchrun and its ranks trained
+    on; a rank's 75 ended in torchrun's failure report and status 1."""
     log = tmp_path / "script.out"
     with open(log, "w") as out:
         proc = subprocess.Popen(["bash", str(REPO / "scripts" / "train_performance_8p.sh"), f"--data_path={data}",
@@ -115,10 +132,11 @@ def test_a_stop_signal_to_the_launch_script_reaches_every_rank_and_exits_75(data
     try:
         wait_for(lambda: "epoch 1 step 3/12" in log.read_text(), "third step", timeout_s=240, every_s=0.2)
         started = script.children(recursive=True)  # torchrun's agent, the ranks, their loader workers
-        assert sum("train.py" in " ".join(p.cmdline()) for p in started) >= 2
-        proc.send_signal(signum)
+        ranks = rank_processes(started)
+        assert set(ranks) == {"0", "1"}
+        (proc if target == "script" else ranks["1"]).send_signal(signum)
         proc.wait(timeout=120)
-        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        left = [p for p in started if alive(p)]
     finally:
         kill_tree(proc.pid)
         for p in started:  # what outlived the script (b2d57d1), reparented elsewhere
