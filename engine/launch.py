@@ -21,13 +21,20 @@ import os
 import signal
 import sys
 
-import psutil
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import parse_args, run
+# Before the heavy imports below (seconds for torch): a stop signal that comes while they load
+# would otherwise end this process by its default action (143, 138), which a requeue script takes
+# for a crash. Noted here, it ends the launch before any rank starts, with 75: nothing to lose.
+_EARLY: list[int] = []
+for _signum in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(_signum, lambda signum, frame: _EARLY.append(signum))
 
-from core.errors import ExitStatus, run_command
-from engine.stop import EXIT_INTERRUPTED, STOP_SIGNALS
+import psutil  # noqa: E402
+from torch.distributed.elastic.multiprocessing.api import SignalException  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: E402
+from torch.distributed.run import parse_args, run  # noqa: E402
+
+from core.errors import ExitStatus, run_command  # noqa: E402
+from engine.stop import EXIT_INTERRUPTED, STOP_SIGNALS  # noqa: E402
 
 # torchrun's own default list less the stop signals, which are handled here
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
@@ -103,6 +110,10 @@ def main(argv=None):
     pass_on = _PassOn(shutdown_s)
     for signum in STOP_SIGNALS:
         signal.signal(signum, pass_on)
+    if _EARLY:  # a stop before any rank started
+        print(f"engine.launch: {signal.Signals(_EARLY[0]).name} before the ranks started: nothing to stop "
+              f"(exit status {EXIT_INTERRUPTED}: run the same command again)", file=sys.stderr, flush=True)
+        return ExitStatus(EXIT_INTERRUPTED)
     try:
         pass_on.agent_running = True
         run(args)

@@ -189,3 +189,26 @@ def test_an_elastic_group_that_loses_a_node_forms_again_smaller_and_finishes(dat
     assert [a.returncode for a in survivors] == [0, 0], outputs[-6000:]
     assert "saved on 3 process(es), continued on 2" in outputs
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_stop_signal_while_the_launcher_starts_exits_75_before_any_rank(tmp_path):
+    # The launcher takes seconds to import torch; a SIGTERM or SIGUSR1 then used to end it by the
+    # default action (143 / 138), which a requeue script reads as a crash.
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        proc = subprocess.Popen([sys.executable, "-m", "engine.launch", "--standalone", "--nproc_per_node=2",
+                                 str(REPO / "train.py"), *TINY, "--output-dir", str(tmp_path / "out")],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: _loading_torch(proc.pid), "the launcher importing torch", timeout_s=60)
+        proc.send_signal(signum)
+        out = finish(proc, 120)
+        assert proc.returncode == 75, out
+        assert "Traceback" not in out and "before the ranks started" in out
+        assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def _loading_torch(pid: int) -> bool:
+    """The process has reached its imports of torch (one of torch's shared libraries is mapped)."""
+    try:
+        return any("libtorch" in m.path for m in psutil.Process(pid).memory_maps())
+    except psutil.Error:
+        return False
