@@ -358,3 +358,61 @@ def test_remote_data_without_a_cache_dir_names_the_flag(tmp_path):
 def test_a_bucket_without_a_published_dataset_names_the_publish_command(s3, tmp_path):
     with pytest.raises(StorageError, match=r"publish_remote.py DATA s3://bkt/nothing"):
         attach(f"s3://{BUCKET}/nothing", tmp_path / "cache", parse_size("1G"), wait_s=30)
+
+
+def _dali(data, split="train", **spec):
+    return build_loader("dali", split=split, data=data, batch_size=4, workers=1, image_size=SIZE_PX, seed=0,
+                        options={"source": "shards", "decode": "cpu"}, **spec)
+
+
+def test_dali_reads_the_same_batches_from_s3_as_from_local_shards(dataset, s3, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    data = attach(f"s3://{BUCKET}/ds", tmp_path / "cache", parse_size("1G"))
+    for split in ("train", "val"):
+        _same(_epoch(_dali(data, split, shuffle="shards", shuffle_window=2)),
+              _epoch(_dali(dataset, split, shuffle="shards", shuffle_window=2)))
+    _stop_fetcher(tmp_path / "cache", f"s3://{BUCKET}/ds")
+
+
+def test_ffcv_is_staged_from_the_bucket_checked_and_trained_on(dataset, s3, tmp_path):
+    pytest.importorskip("ffcv")
+    from test_train import ok, records, run_train
+    url = f"s3://{BUCKET}/ds"
+    proc = ok(run_train(["--loader", "ffcv", "--data", url, "--cache-dir", str(tmp_path / "cache"),
+                         "--cache-size", "1G", "--epochs", "1"], tmp_path / "run"))
+    assert records(tmp_path / "run")[0]["epoch"] == 1 and "Acc@1" in proc.stdout
+    staged = tmp_path / "cache" / cache_key(url) / "data" / "ffcv"
+    for split in ("train", "val"):
+        assert (staged / f"{split}.beton").read_bytes() == (dataset / "ffcv" / f"{split}.beton").read_bytes()
+    stats = read_json(tmp_path / "cache" / cache_key(url) / "stats.json")
+    assert stats["bytes_fetched"] == sum((dataset / "ffcv" / f"{s}.beton").stat().st_size for s in ("train", "val"))
+
+
+def test_torchrun_from_s3_with_a_small_cache_stopped_and_continued_on_one_process_trains_on_the_same_images(
+        dataset, s3, tmp_path):
+    """2 processes from s3:// with a cache of a third of the train split, SIGTERM to torchrun mid-epoch,
+    then 1 process (another node's cache): every global step of both epochs trains on the images an
+    unbroken 2-process run trains on (TRAIN_RECORD_BATCHES digests)."""
+    from test_cluster import launch, read_until, trained_images
+    from test_train import ok, run_train
+    url = f"s3://{BUCKET}/ds"
+    split_bytes = _shard_bytes(dataset, "train")
+    small = sum(p.stat().st_size for p in (dataset / "shards").iterdir() if p.suffix != ".tar")
+    bound = str(small + split_bytes // 3)
+    args = ["--data", url, "--loader", "torchvision", "--deterministic", "--batch_size", "4", "--epochs", "2",
+            "--checkpoint-every", "0", "--shuffle", "shards", "--shuffle-window", "2", "--cache-size", bound]
+    unbroken = tmp_path / "unbroken"
+    ok(run_train([*args, "--cache-dir", str(tmp_path / "cache-a")], unbroken, torchrun_nproc=2,
+                 env={"TRAIN_RECORD_BATCHES": str(unbroken / "batches")}))
+    record = {"TRAIN_RECORD_BATCHES": str(tmp_path / "run" / "batches")}
+    proc = launch([*args, "--cache-dir", str(tmp_path / "cache-b")], tmp_path / "run", nproc=2, env=record)
+    head = read_until(proc, r"epoch 1 step 3/8")
+    proc.send_signal(signal.SIGTERM)
+    output = head + proc.communicate(timeout=120)[0]
+    assert "SIGTERM: saved" in output, output[-3000:]
+    ok(run_train([*args, "--cache-dir", str(tmp_path / "cache-c")], tmp_path / "run", env=record))
+    got, want = trained_images(tmp_path / "run" / "batches"), trained_images(unbroken / "batches")
+    assert got == want and len(want) == 16 and all(sum(c.values()) == 4 for c in want.values())
+    for cache in ("cache-a", "cache-b", "cache-c"):
+        stats = read_json(tmp_path / cache / cache_key(url) / "stats.json")
+        assert stats["peak_used_bytes"] <= int(bound)
