@@ -98,9 +98,9 @@ class NodeCache:
     def _acquire(self, name: str) -> int:
         fd = self._try_open(name)
         if fd is not None:
-            self.hits += 1
+            self._count(hit=True)
             return fd
-        self.misses += 1
+        self._count(hit=False)
         self.register()
         want = self.layout.wants / f"{os.getpid()}-{threading.get_ident()}"
         want.write_text(name)
@@ -125,6 +125,16 @@ class NodeCache:
                 pause = min(0.02, pause * 2)
         finally:
             want.unlink(missing_ok=True)
+
+    def _count(self, hit: bool):
+        """This process's hits and misses, also in counters/<pid> (one pwrite: workers are processes too)."""
+        if getattr(self, "_counter_pid", None) != os.getpid():  # a forked worker counts its own
+            self.layout.counters.mkdir(exist_ok=True)
+            self._counter_fd = os.open(self.layout.counters / str(os.getpid()), os.O_RDWR | os.O_CREAT, 0o644)
+            self._counter_pid, self.hits, self.misses = os.getpid(), 0, 0
+        self.hits += hit
+        self.misses += not hit
+        os.pwrite(self._counter_fd, np.array([self.hits, self.misses], dtype=np.int64).tobytes(), 0)
 
     def _try_open(self, name: str) -> int | None:
         """An fd under a shared lock, or None when the file is not (or no longer) here."""
@@ -176,7 +186,19 @@ class NodeCache:
         return Shards(folder, [self.layout.path(n) for n in names], classes)
 
     def __getstate__(self):  # a spawned worker opens its own files; locks stay with this process
-        return {**self.__dict__, "_lock_fd": None, "_lock_pid": None, "_pos": {}, "_staged": []}
+        return {**self.__dict__, "_lock_fd": None, "_lock_pid": None, "_pos": {}, "_staged": [], "_counter_pid": None}
+
+
+def hit_counts(root: Path) -> tuple[int, int]:
+    """(hits, misses) of every process that has read through the cache folder `root`: reads that
+    found their file in the cache, and reads that waited for the fetcher."""
+    total = np.zeros(2, dtype=np.int64)
+    folder = Layout(root).counters
+    for path in folder.iterdir() if folder.exists() else []:
+        raw = path.read_bytes()
+        if len(raw) == 16:
+            total += np.frombuffer(raw, dtype=np.int64)
+    return int(total[0]), int(total[1])
 
 
 def by_file(files: np.ndarray):

@@ -17,6 +17,7 @@ shares memory, sockets or a client library with the other, and any of them can d
         users/<pid>-<split>.pos      int64 generation, step reached, active: how far it is
         wants/<pid>-<thread>         "<name>": a reader waiting for that file now
         errors/<name>.txt            one line: why that file cannot be fetched (the run stops on it)
+        counters/<pid>               int64 hits, misses of that process's reads (benchmarks read them)
 
 A reader holds a shared flock on a file while it reads it; the fetcher evicts a file only under
 an exclusive one it got without waiting, so it never deletes what someone is reading.
@@ -51,6 +52,7 @@ class Layout:
         self.users = self.root / "users"
         self.wants = self.root / "wants"
         self.errors = self.root / "errors"
+        self.counters = self.root / "counters"
 
     def make(self):
         for d in (self.data, self.users, self.wants, self.errors):
