@@ -458,6 +458,8 @@ def build_bucket(args, mode: str):
         loader = _bucket_loader(args, cache_dir, bound, "shards", window)
     else:
         loader = _bucket_loader(args, cache_dir, 2 * args.split_bytes + headroom)
+        loader.set_epoch(10_000)  # warm: the split in the cache before any epoch is timed, lead-in or not
+        _consume(loader, device)
     root = cache_dir / cache_key(args.bucket_url)
 
     def run_epoch(epoch):

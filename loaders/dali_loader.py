@@ -36,7 +36,7 @@ from core.dataset import split_index
 from core.errors import LoaderError
 from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, check_start_step, epoch_indices,
                             num_batches, timed_epoch, to_device, use_shards, val_resize_px)
-from storage.cache import node_cache, plan_rows
+from storage.cache import node_cache
 
 MAX_LABEL_DIGITS = 8  # .cls holds the label as ASCII decimal
 # nvJPEG's buffers sized for the largest ImageNet image up front (NVIDIA DeepLearningExamples, RN50)
@@ -214,13 +214,11 @@ class DALILoader:
 
     def _train_batches(self):
         stream = self._train_stream()
+        batches = (next(stream) for _ in range(len(self) - self.start_step))
         if self.cache is not None:  # the fetcher reads ahead in this order: this epoch's rest, then the next
             upcoming = np.concatenate([self._indices(self.epoch, self.start_step), self._indices(self.epoch + 1)])
-            self.cache.plan("train", plan_rows(upcoming, self.spec.batch_size, self.tar_of))
-        for step in range(len(self) - self.start_step):
-            yield next(stream)
-            if self.cache is not None:
-                self.cache.progress("train", step + 1)
+            batches = self.cache.follow("train", batches, upcoming, self.spec.batch_size, self.tar_of)
+        yield from batches
         self._stream_serves = (self.epoch + 1, 0, self.resolution)
 
     def _batches(self):

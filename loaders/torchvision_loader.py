@@ -35,7 +35,7 @@ from loaders.common import (LoaderSpec, check_resolution, check_start_step, epoc
                             num_batches, pin_if_useful, timed_epoch, to_device, use_shards, val_resize_px)
 from loaders.crops import crop_flip_boxes
 from loaders.device_decode import DECODER, DeviceStage, decode_error, decode_image, jpeg_header, prefetch
-from storage.cache import by_file, node_cache, plan_rows
+from storage.cache import by_file, node_cache
 
 
 class _RandomResizedCropFlip:
@@ -221,7 +221,8 @@ class _ShardImages(_Images):
                     jpg = view[starts[k]:starts[k] + jpg_size]
                     _read_into(fd, jpg, jpg_at)
                     cls = os.pread(fd, cls_size, cls_at)
-                    if self.crcs is not None and (crc32c(jpg.toreadonly()), crc32c(cls)) != tuple(self.crcs[indices[k]]):
+                    crcs = None if self.crcs is None else tuple(self.crcs[indices[k]])
+                    if crcs is not None and (crc32c(jpg.toreadonly()), crc32c(cls)) != crcs:
                         good[k] = False
                         continue
                     labels[k] = int(cls)
@@ -367,22 +368,14 @@ class TorchvisionLoader:
 
     def _host_batches(self):
         if self.cache is None:
-            yield from self._read_batches()
-            return
-        # A remote dataset: the node's fetcher reads ahead in this order, and evicts by it.
-        split, tar_of = self.spec.split, self.dataset.rows[:, 0]
+            return self._read_batches()
+        # a remote dataset: the node's fetcher reads ahead in this order (this epoch's rest, then
+        # the next epoch, so no step waits between epochs), and evicts by it
         upcoming = [self.sampler.indices(self.sampler.epoch, self.sampler.start_step)]
-        if self.spec.train:  # and the next epoch's first steps, so no step waits between epochs
+        if self.spec.train:
             upcoming.append(self.sampler.indices(self.sampler.epoch + 1))
-        self.cache.plan(split, plan_rows(np.concatenate(upcoming), self.spec.batch_size, tar_of))
-        step = 0
-        try:
-            for batch in self._read_batches():
-                yield batch
-                step += 1
-                self.cache.progress(split, step)
-        finally:
-            self.cache.progress(split, step, active=False)
+        return self.cache.follow(self.spec.split, self._read_batches(), np.concatenate(upcoming),
+                                 self.spec.batch_size, self.dataset.rows[:, 0])
 
     def _read_batches(self):
         if self.dataloader is None:

@@ -61,9 +61,14 @@ class NodeCache:
         log.close()
 
     def check_error(self, name: str):
+        """Raise the fetcher's line about `name`, unless an earlier fetcher wrote it (the live one
+        clears those when it starts; this skips any read before it did)."""
         path = self.layout.error(name)
-        if path.exists():
-            raise StorageError(path.read_text().strip())
+        try:
+            if path.stat().st_mtime_ns >= self.layout.fetcher_lock.stat().st_mtime_ns:
+                raise StorageError(path.read_text().strip())
+        except FileNotFoundError:
+            pass
 
     # -- files ---------------------------------------------------------------------------
     def size(self, name: str) -> int:
@@ -170,6 +175,19 @@ class NodeCache:
         if split in self._pos:
             self._write_pos(split, step, active)
 
+    def follow(self, split: str, batches, indices: np.ndarray, batch_size: int, file_of: np.ndarray):
+        """Yield `batches` (batch_size each of `indices`, read from shard file_of[index]), telling
+        the fetcher the plan first and the step reached after each batch is handed on."""
+        self.plan(split, plan_rows(indices, batch_size, file_of))
+        step = 0
+        try:
+            for batch in batches:
+                yield batch
+                step += 1
+                self.progress(split, step)
+        finally:
+            self.progress(split, step, active=False)
+
     def _write_pos(self, split: str, step: int, active: bool):
         fd, generation = self._pos[split]
         os.pwrite(fd, np.array([generation, step, int(active)], dtype=np.int64).tobytes(), 0)
@@ -239,10 +257,7 @@ def attach(url: str, cache_dir, cache_bytes: int, wait_s: float = WAIT_S) -> Pat
         raise StorageError(f"--cache-size {cache_bytes}: give the cache's bound, e.g. 200G")
     layout = Layout(Path(cache_dir) / cache_key(url))
     layout.make()
-    if not held(layout.fetcher_lock):  # no fetcher alive: what an earlier one wrote may be stale
-        layout.ready.unlink(missing_ok=True)
-        for old in layout.errors.iterdir():
-            old.unlink(missing_ok=True)
+    if not held(layout.fetcher_lock):  # the fetcher this starts serves this run's bound
         write_json_atomic({"url": url, "bound_bytes": int(cache_bytes)}, layout.config)
     else:
         held_bound = int(read_json(layout.config)["bound_bytes"])
@@ -253,7 +268,7 @@ def attach(url: str, cache_dir, cache_bytes: int, wait_s: float = WAIT_S) -> Pat
     cache.register()
     cache.ensure_fetcher()
     start, last_check = time.monotonic(), time.monotonic()
-    while not layout.ready.exists():
+    while not _ready(layout):
         cache.check_error("_metadata")
         if time.monotonic() - last_check > 1.0:
             cache.ensure_fetcher()
@@ -264,6 +279,16 @@ def attach(url: str, cache_dir, cache_bytes: int, wait_s: float = WAIT_S) -> Pat
         time.sleep(0.02)
     _ATTACHED[str(layout.data)] = cache
     return layout.data
+
+
+def _ready(layout: Layout) -> bool:
+    """ready.json from the fetcher that holds the lock now (not one an earlier, dead one left)."""
+    ready = read_json(layout.ready)
+    try:
+        holder = layout.fetcher_lock.read_text().strip()
+    except FileNotFoundError:
+        return False
+    return ready is not None and str(ready.get("pid")) == holder and held(layout.fetcher_lock)
 
 
 def node_cache(data) -> NodeCache | None:

@@ -43,6 +43,7 @@ PART_TRIES = 3
 FILES_IN_FLIGHT = 4
 PARTS_IN_FLIGHT = 4
 IDLE_EXIT_S = 5.0
+HORIZON_X = 8  # plan rows looked at: this many times the files the cache can hold (at least 20,000)
 INACTIVE = 1 << 40  # a plan whose loader is not iterating now: after every active one
 
 
@@ -110,7 +111,7 @@ class Fetcher:
         if self.meta_bytes > self.bound:
             raise PartError(f"--cache-size {self.bound} bytes cannot even hold the dataset's index files "
                             f"({self.meta_bytes} bytes): give it more")
-        write_json_atomic({"url": self.url, "sizes": self.sizes}, self.layout.ready)
+        write_json_atomic({"url": self.url, "sizes": self.sizes, "pid": os.getpid()}, self.layout.ready)
 
     def fetch_whole_small(self, name: str):
         path = self.layout.path(name)
@@ -130,6 +131,7 @@ class Fetcher:
                 + sum(self.sizes[n] for n in self.inflight))
 
     def run(self):
+        self.make_room(0, {}, set(), None)  # an earlier run's cache may hold more than this run's bound
         idle_since = time.monotonic()
         with ThreadPoolExecutor(FILES_IN_FLIGHT, thread_name_prefix="fetch") as pool:
             while True:
@@ -153,6 +155,7 @@ class Fetcher:
             if error is None:
                 self.present[name] = self.sizes[name]
                 self.stats["files_fetched"] += 1
+                print(f"fetched {name}", flush=True)
             else:
                 self.failed.add(name)
                 line = str(error) if isinstance(error, PartError) else (
@@ -207,6 +210,7 @@ class Fetcher:
             if self.evict(name):
                 del self.present[name]
                 self.stats["files_evicted"] += 1
+                print(f"evicted {name}", flush=True)
 
     def evict(self, name: str) -> bool:
         path = self.layout.path(name)
@@ -254,7 +258,8 @@ class Fetcher:
         return wants
 
     def next_use(self, users: list[int]) -> dict:
-        """{large file name: steps until a loader of the node next reads it} over the live plans."""
+        """{large file name: steps until a loader of the node next reads it} over the live plans,
+        looked at as far ahead as the cache could matter (HORIZON_X its capacity in files)."""
         distance = {}
         for pid in users:
             for plan_path in self.layout.users.glob(f"{pid}-*.plan"):
@@ -263,17 +268,25 @@ class Fetcher:
                 plan = self._plan(plan_path)
                 if plan is None or pos is None or pos[0] != plan[0]:
                     continue
-                rows = plan[1]
-                steps, shards = rows[:, 0], rows[:, 1]
-                ahead = steps >= pos[1]
-                d = (steps[ahead] - pos[1]).astype(np.int64) + (0 if pos[2] else INACTIVE)
-                names = self.shard_names(split)
-                # the first (smallest) distance of each shard: rows are sorted by step
-                first = np.unique(shards[ahead], return_index=True)
-                for shard, at in zip(*first):
-                    name = names[shard]
-                    distance[name] = min(distance.get(name, INACTIVE * 4), int(d[at]))
+                for name, d in self._first_uses(plan_path, plan, split, pos).items():
+                    distance[name] = min(distance.get(name, d), d)
         return distance
+
+    def _first_uses(self, path: Path, plan, split: str, pos) -> dict:
+        key = ("uses", path)
+        cached = self.plans.get(key)
+        if cached is not None and cached[0] == (plan[0], pos):
+            return cached[1]
+        rows = plan[1]
+        start = int(np.searchsorted(rows[:, 0], pos[1]))
+        capacity = max(1, self.bound // max(1, int(np.mean(list(self.sizes.values()) or [1]))))
+        ahead = rows[start:start + max(20_000, HORIZON_X * capacity)]
+        shards, first = np.unique(ahead[:, 1], return_index=True)  # rows are sorted by step
+        names = self.shard_names(split)
+        offset = 0 if pos[2] else INACTIVE
+        uses = {names[s]: int(ahead[i, 0]) - pos[1] + offset for s, i in zip(shards.tolist(), first.tolist())}
+        self.plans[key] = ((plan[0], pos), uses)
+        return uses
 
     def _plan(self, path: Path):
         try:
@@ -365,6 +378,9 @@ def main(root: str):
         return 0  # another fetcher serves this node
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, str(os.getpid()).encode())  # who holds it, for a person (or a test) looking
+    layout.ready.unlink(missing_ok=True)  # an earlier fetcher's word no longer holds
+    for old in layout.errors.iterdir():
+        old.unlink(missing_ok=True)
     fetcher = Fetcher(Path(root))
     try:
         fetcher.fetch_small_files()

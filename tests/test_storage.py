@@ -416,3 +416,32 @@ def test_torchrun_from_s3_with_a_small_cache_stopped_and_continued_on_one_proces
     for cache in ("cache-a", "cache-b", "cache-c"):
         stats = read_json(tmp_path / cache / cache_key(url) / "stats.json")
         assert stats["peak_used_bytes"] <= int(bound)
+
+
+def test_the_fetcher_reads_ahead_in_the_order_of_use_from_the_resume_position(dataset, s3, tmp_path):
+    """A resume at step k of an epoch: the fetcher's first files are the shards that step k and the
+    next ones read, in the order of their first use (its log), not the epoch's first shards."""
+    url = f"s3://{BUCKET}/ds"
+    data = attach(url, tmp_path / "cache", parse_size("1G"))
+    loader = _loader(data, workers=0, shuffle="shards", shuffle_window=1)
+    k = 5
+    loader.set_epoch(1, k)
+    next(iter(loader))
+    spec = LoaderSpec("train", Path("."), 4, shuffle="shards", shuffle_window=1)
+    sizes = np.bincount(loader.dataset.rows[:, 0])
+    order = loader.dataset.rows[np.concatenate([epoch_indices(len(loader.dataset), spec, 1, k, sizes),
+                                                epoch_indices(len(loader.dataset), spec, 2, 0, sizes)]), 0]
+    first_use = [f"shards/train-{t:06d}.tar" for t in dict.fromkeys(order.tolist())]
+    before_k = {f"shards/train-{t:06d}.tar" for t in
+                loader.dataset.rows[epoch_indices(len(loader.dataset), spec, 1, 0, sizes)[:4 * k], 0].tolist()}
+    log = Layout(data.parent).log
+    deadline = time.monotonic() + 30
+    while len(fetched := [ln.split()[1] for ln in log.read_text().splitlines() if ln.startswith("fetched ")]) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Window 1, 4 samples a shard and a step: steps k, k+1, k+2 read the last 3 shards of the epoch's
+    # shard order, none of those before k; then the next epoch's. Four downloads at a time
+    # (FILES_IN_FLIGHT) finish in any order, and a fifth may overtake one.
+    assert len(set(first_use[:3])) == 3 and before_k.isdisjoint(first_use[:3])
+    assert set(first_use[:3]) <= set(fetched[:5]) and set(fetched[:5]) <= set(first_use[:7])
+    _stop_fetcher(tmp_path / "cache", url)
