@@ -13,7 +13,7 @@ $(STAMP): requirements.txt pyproject.toml scripts/setup_system.sh
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	cd / && $(abspath $(PY)) -c "import torch, torchvision, ffcv, nvidia.dali, numpy, yaml, core, loaders, engine"
+	cd / && $(abspath $(PY)) -c "import torch, torchvision, ffcv, nvidia.dali, numpy, yaml, obstore, moto, core, loaders, engine, storage"
 	touch $@
 
 setup: $(STAMP)

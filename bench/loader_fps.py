@@ -14,6 +14,8 @@ right after --lead-in untimed epochs of the same row.
 """
 import argparse
 import multiprocessing as mp
+import os
+import statistics
 import sys
 import time
 from functools import partial
@@ -62,6 +64,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-at", type=float, default=None,
                    help="also a '<loader> resumed at F' row per loader: each epoch starts at that fraction, as a "
                         "resumed run does (set_epoch(epoch, start_step)); its cold first batch against the fresh row's")
+    p.add_argument("--bucket", action="store_true",
+                   help="also torchvision rows reading the shards from an S3 bucket on 127.0.0.1 (moto's server, "
+                        "started here) through the node cache: 's3 cold' (an empty cache each epoch), 's3 warm' (a "
+                        "cache that holds the split), 's3 cache 1/N' (--bucket-cache-fraction of the split, --shuffle "
+                        "shards), with bytes fetched per epoch over the split's size and cache hits")
+    p.add_argument("--bucket-cache-fraction", type=float, default=0.1,
+                   help="the small cache row's bound, as a share of the split's shard bytes")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per shard when converting (another value than the converter's converts into its own "
+                        "folder, DATA/shards-sN); the cache rows need many shards")
     p.add_argument("--seed", type=int, default=0, help="shuffling and augmentation seed")
     add_output_flags(p, "loader_fps")
     return p
@@ -78,6 +90,8 @@ def prepare(args):
     default_ffcv = args.max_res_px == MAX_RES_PX and args.write_mode == "jpg"
     args.beton_dir = data / ("ffcv" if default_ffcv else f"ffcv-{args.max_res_px}px-{args.write_mode}")
     args.shards_dir = data / ("shards" if args.max_res_px == MAX_RES_PX else f"shards-{args.max_res_px}px")
+    if args.shard_size:
+        args.shards_dir = args.shards_dir.with_name(f"{args.shards_dir.name}-s{args.shard_size}")
     if "ffcv" in args.loaders and not ((args.beton_dir / f"{args.split}.beton").exists()
                                        and (args.beton_dir / "classes.json").exists()):
         from convert.to_ffcv import convert
@@ -86,11 +100,12 @@ def prepare(args):
                 progress=False)
     sources = {"dali": args.dali_source, "torchvision": args.torchvision_source}
     wanted = [lib for lib, source in sources.items() if lib in args.loaders
-              and (source == "shards" or source == "auto" and lib == "dali")]
+              and (source == "shards" or source == "auto" and lib == "dali")] + (["bucket"] if args.bucket else [])
     if wanted and not list(args.shards_dir.glob(f"{args.split}-*.idx")):
         from convert.to_shards import convert
         print(f"loader_fps: writing shards of {data}/{args.split} into {args.shards_dir}", file=sys.stderr)
-        convert(data, args.shards_dir, splits=(args.split,), max_res_px=args.max_res_px, progress=False)
+        convert(data, args.shards_dir, splits=(args.split,), max_res_px=args.max_res_px, progress=False,
+                **({"shard_size": args.shard_size} if args.shard_size else {}))
     have_shards = bool(list(args.shards_dir.glob(f"{args.split}-*.idx")))
     # the loaders' own rule: auto reads the shards when they exist
     args.reads = {"ffcv": "beton", "stock": "folder",
@@ -133,9 +148,9 @@ class Pipeline(Row):
         self.run_epoch, self.epoch = self.builder(self.args), 0
 
     def work(self) -> dict:
-        images, first_batch_s = self.run_epoch(self.epoch)
+        images, first_batch_s, *more = self.run_epoch(self.epoch)
         self.epoch += 1  # consecutive epoch numbers, lead-ins included, as a training run sees them
-        return {"images": images, "first_batch_s": first_batch_s}
+        return {"images": images, "first_batch_s": first_batch_s, **(more[0] if more else {})}
 
     def lead_in(self):
         for _ in range(self.args.lead_in):
@@ -150,6 +165,11 @@ def plan_rows(args) -> list[Pipeline]:
         if args.resume_at is not None:
             rows.append(Pipeline(f"{lib} resumed at {args.resume_at:.0%}", lib, "resumed",
                                  partial(build_ours, library=lib, start_at=args.resume_at), args))
+    if args.bucket:
+        rows += [Pipeline("torchvision s3 warm", "torchvision", "bucket", partial(build_bucket, mode="warm"), args),
+                 BucketCold("torchvision s3 cold", "torchvision", "bucket", partial(build_bucket, mode="cold"), args),
+                 Pipeline(f"torchvision s3 cache 1/{round(1 / args.bucket_cache_fraction)}", "torchvision", "bucket",
+                          partial(build_bucket, mode="small"), args)]
     if args.device_decode and "torchvision" in args.loaders:
         rows += [Pipeline("torchvision device-decode", "torchvision", "ours",
                           partial(build_ours, library="torchvision", decode="device"), args),
@@ -371,6 +391,127 @@ def build_torchvision_bare(args):
 BARE = {"ffcv": build_ffcv_bare, "dali": build_dali_bare, "torchvision": build_torchvision_bare}
 
 
+# --- the bucket rows: our torchvision loader on s3:// (moto's server on 127.0.0.1) ----------------
+
+def start_bucket(args):
+    """moto's S3 server on 127.0.0.1 (a subprocess), with the split's shards published to
+    s3://bench/data; the environment points every S3 client at it with dummy credentials."""
+    import os
+    import socket
+    import subprocess
+    import tempfile
+    from pathlib import Path
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    import boto3
+    for _ in range(400):
+        try:
+            boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+            break
+        except Exception:  # still starting
+            time.sleep(0.05)
+    from convert.publish_remote import publish_remote
+    staging = Path(tempfile.mkdtemp(prefix="loader_fps-publish-"))
+    (staging / "shards").symlink_to(args.shards_dir.resolve())
+    publish_remote(staging, "s3://bench/data")
+    args.bucket_url, args.cache_root = "s3://bench/data", Path(tempfile.mkdtemp(prefix="loader_fps-cache-"))
+    args.split_bytes = sum(t.stat().st_size for t in args.shards_dir.glob(f"{args.split}-*.tar"))
+    args.shard_count = len(list(args.shards_dir.glob(f"{args.split}-*.tar")))
+    from core.shards import Shards
+    args.images = Shards(args.shards_dir, sorted(args.shards_dir.glob(f"{args.split}-*.tar")), []).count()
+    return server
+
+
+def _bucket_loader(args, cache_dir, bound: int, shuffle="global", window=8):
+    import torch
+    from loaders import build_loader
+    from storage.cache import attach
+    data = attach(args.bucket_url, cache_dir, bound)
+    return build_loader("torchvision", split=args.split, data=data, batch_size=args.batch_size, workers=args.workers,
+                        image_size=args.image_size, seed=args.seed, device=torch.device(args.device),
+                        options={"source": "shards", "decode": "cpu"}, shuffle=shuffle, shuffle_window=window)
+
+
+def build_bucket(args, mode: str):
+    """warm: a cache that holds the split (its lead-in epochs fill it); small: a bound of
+    --bucket-cache-fraction of the split, --shuffle shards with windows sized to what the cache holds
+    beyond the readers' batches in flight; cold: see BucketCold. Each epoch also returns the bytes the node's fetcher
+    fetched during it and the cache hits and misses of its reads."""
+    import torch
+    from storage.cache import hit_counts
+    from storage.layout import cache_key, read_json
+    device = torch.device(args.device)
+    cache_dir = args.cache_root / f"{mode}-{os.getpid()}"
+    headroom = 1 << 20  # the index files
+    if mode == "small":
+        bound = int(args.bucket_cache_fraction * args.split_bytes) + headroom
+        # the cache must hold what the readers have in flight (2 batches per worker and the one
+        # being consumed) plus two windows; the windows get what is left
+        per_shard = max(1, args.images // args.shard_count)
+        in_flight = -(-(2 * args.workers + 1) * args.batch_size // per_shard) + 1
+        window = max(1, (int(args.bucket_cache_fraction * args.shard_count) - in_flight) // 2)
+        loader = _bucket_loader(args, cache_dir, bound, "shards", window)
+    else:
+        loader = _bucket_loader(args, cache_dir, 2 * args.split_bytes + headroom)
+        loader.set_epoch(10_000)  # warm: the split in the cache before any epoch is timed, lead-in or not
+        _consume(loader, device)
+    root = cache_dir / cache_key(args.bucket_url)
+
+    def run_epoch(epoch):
+        before, hits_before = (read_json(root / "stats.json") or {}).get("bytes_fetched", 0), hit_counts(root)
+        loader.set_epoch(epoch)
+        images = _consume(loader, device)[0]
+        after, hits = (read_json(root / "stats.json") or {}).get("bytes_fetched", 0), hit_counts(root)
+        return images, loader.first_batch_s, {"bytes_fetched": after - before, "cache_hits": hits[0] - hits_before[0],
+                                              "cache_misses": hits[1] - hits_before[1]}
+    return run_epoch
+
+
+class BucketCold(Pipeline):
+    """Each timed epoch from an empty cache: a new cache folder, its fetcher and the loader are made
+    (untimed, as every row's loader is built outside its time), then the epoch is timed."""
+
+    def build(self):
+        self.epoch = 0
+
+    def lead_in(self):
+        pass
+
+    def warm_up(self):
+        return self.run()
+
+    def run(self):
+        import shutil
+        args = self.args
+        cache_dir = args.cache_root / f"cold-{os.getpid()}-{self.epoch}"
+        self.run_epoch = build_bucket_cold(args, cache_dir)
+        try:
+            return super().run()
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def build_bucket_cold(args, cache_dir):
+    import torch
+    from storage.cache import hit_counts
+    from storage.layout import cache_key, read_json
+    loader = _bucket_loader(args, cache_dir, 2 * args.split_bytes + (1 << 20))
+    root, device = cache_dir / cache_key(args.bucket_url), torch.device(args.device)
+
+    def run_epoch(epoch):
+        loader.set_epoch(epoch)
+        images = _consume(loader, device)[0]
+        hits = hit_counts(root)
+        return images, loader.first_batch_s, {"bytes_fetched": (read_json(root / "stats.json") or {}).get(
+            "bytes_fetched", 0), "cache_hits": hits[0], "cache_misses": hits[1]}
+    return run_epoch
+
+
 # --- the decode limit ------------------------------------------------------------------------------
 
 _BLOBS = []  # (uint8 array, (height, width) or None for an encoded image); inherited by forked workers
@@ -434,7 +575,8 @@ COLUMNS = [("pipeline", "name", ""), ("img/s", "imgs_per_s", ".0f"), ("min", "im
            ("of limit", "of_limit", ".2f"), ("cores", "cores_used", ".2f"), ("img/s/core", "imgs_per_core_s", ".0f"),
            ("/core x limit", "per_core_x_limit", ".1f"), ("1st x fresh", "first_batch_x_fresh", ".2f"), ("CPU %", "cpu_util_pct", ".0f"), ("RSS MB", "peak_rss_mb", ".0f"),
            ("PSS MB", "peak_pss_mb", ".0f"), ("1st batch cold s", "first_batch_s_cold", ".2f"),
-           ("warm s", "first_batch_s_warm", ".3f")]
+           ("warm s", "first_batch_s_warm", ".3f"), ("x local", "x_local", ".2f"),
+           ("fetched x split", "fetched_x_split", ".2f"), ("hits", "cache_hit_frac", ".2f")]
 
 
 def summarize(rows: list[Pipeline], results: dict, args) -> list[dict]:
@@ -453,8 +595,19 @@ def summarize(rows: list[Pipeline], results: dict, args) -> list[dict]:
                                          if row.kind == "host part" else None),
                     # a restarted run's first batch (a new loader: workers, JIT) against a fresh one's
                     "first_batch_x_fresh": (own["first_batch_s_cold"] / stats(results[row.library])["first_batch_s_cold"]
-                                            if row.kind == "resumed" else None)})
+                                            if row.kind == "resumed" else None),
+                    **(bucket_numbers(result, results, args) if row.kind == "bucket" else {})})
     return out
+
+
+def bucket_numbers(result: dict, results: dict, args) -> dict:
+    """A bucket row against the local shards' torchvision row (same round), and what it fetched."""
+    runs = result["runs"]
+    return {"x_local": paired(result, results["torchvision"])["median"],
+            "fetched_x_split": statistics.median(r["bytes_fetched"] for r in runs) / args.split_bytes,
+            "cache_hit_frac": statistics.median(r["cache_hits"] / max(1, r["cache_hits"] + r["cache_misses"])
+                                                for r in runs),
+            "split_mb": args.split_bytes / 1e6, "shards": args.shard_count}
 
 
 def bar(r: dict) -> tuple:
@@ -479,9 +632,16 @@ def main(argv=None):
         raise ConfigError("--epochs, --batch-size and --workers must be >= 1, --warmup-epochs and --lead-in >= 0")
     import torch, torchvision  # noqa: F401,E401  (imported once here, not in every forked row)
     prepare(args)
+    if args.bucket and "torchvision" not in args.loaders:
+        raise ConfigError("--bucket compares against the torchvision row: keep torchvision in --loaders")
+    server = start_bucket(args) if args.bucket else None
     rows = plan_rows(args)
     report = Report("loader_fps", argv)
-    results = measure([Forked(r) for r in rows], rounds=args.epochs, warmups=args.warmup_epochs, who="loader_fps")
+    try:
+        results = measure([Forked(r) for r in rows], rounds=args.epochs, warmups=args.warmup_epochs, who="loader_fps")
+    finally:
+        if server is not None:
+            server.terminate()
     out = summarize(rows, results, args)
     setting = (f"{args.split}, batch {args.batch_size}, {args.workers} workers, {args.image_size} px, "
                f"stored at {args.max_res_px} px {args.write_mode}, {out[0]['images_per_epoch']} images/epoch, "
@@ -492,6 +652,9 @@ def main(argv=None):
                 "jpeg_quality": JPEG_QUALITY, "device": args.device, "reads": args.reads,
                 "device_decode_workers": args.device_decode_workers if args.device_decode else None,
                 "beton_dir": str(args.beton_dir), "shards_dir": str(args.shards_dir),
+                "bucket": {"url": args.bucket_url, "server": "moto on 127.0.0.1", "split_bytes": args.split_bytes,
+                           "shards": args.shard_count, "small_cache_fraction": args.bucket_cache_fraction}
+                if args.bucket else None,
                 "storage": storage(args)}
     stock = next(r["imgs_per_s"] for r in out if r["kind"] == "stock")
     return report.write(args, setting, settings, out, COLUMNS, [bar(r) for r in out],

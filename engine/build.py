@@ -12,10 +12,14 @@ from engine import checkpoint as ckpt
 from engine.config import get_args_parser
 from loaders import build_loader, loader_options
 from model import create_model, load_pretrained
+from storage.cache import attach, is_remote, node_cache, parse_size
 
 
 def prepare_data(args, runtime) -> Path:
-    """The dataset folder; with no --data, the built-in sample, converted (by rank 0) for the loader."""
+    """The dataset folder; with no --data, the built-in sample, converted (by rank 0) for the loader;
+    a remote --data (s3://, gs://, az://, https://), its mirror in the node's cache (storage/)."""
+    if is_remote(args.data):
+        return attach(args.data, args.cache_dir, parse_size(args.cache_size) if args.cache_size else 0)
     if args.data:
         data = Path(args.data)
         if not (data / "train").is_dir() and not (data / "ffcv").is_dir() and not (data / "shards").is_dir():
@@ -33,6 +37,8 @@ def prepare_data(args, runtime) -> Path:
 def check_data(args, data: Path, log):
     """Converted files against their converters' manifests: sizes always (cheap), every byte with
     --verify-data. Damaged data stops the run before it trains on it."""
+    if node_cache(data) is not None:  # remote: the fetcher checks every part against the manifest as it arrives
+        return
     folders = [data / sub for sub in CONVERTED_DIRS if (data / sub / MANIFEST).exists()]
     problems = [p for folder in folders for p in size_problems(folder)]
     if args.verify_data and not problems:
@@ -47,7 +53,7 @@ def check_data(args, data: Path, log):
 def build_loaders(args, data: Path, runtime, per_device: int, train_px: int, val_px: int):
     common = dict(data=data, workers=args.workers, seed=args.seed, device=runtime.device, rank=runtime.rank,
                   world_size=runtime.world_size, options=loader_options(args.loader, args), batch_size=per_device,
-                  val_crop_ratio=args.val_crop_ratio)
+                  val_crop_ratio=args.val_crop_ratio, shuffle=args.shuffle, shuffle_window=args.shuffle_window)
     val = build_loader(args.loader, split="val", image_size=val_px, **common)
     train = None if args.evaluate else build_loader(args.loader, split="train", image_size=train_px, **common)
     return train, val

@@ -14,7 +14,7 @@ from core.errors import ConfigError
 from engine.resolution import ResolutionSchedule
 from engine.optim import IMPLS, OPTIMIZERS, SCHEDULES, OptimizerConfig, ScheduleConfig
 from loaders import LOADERS, DALIOptions, FFCVOptions
-from loaders.common import VAL_CROP_RATIO
+from loaders.common import SHUFFLES, VAL_CROP_RATIO
 from loaders.options import DECODES
 
 OPT, SCHED = OptimizerConfig(), ScheduleConfig()  # the recipe's defaults live there
@@ -40,7 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     # -- the reference recipe's flags -------------------------------------------------------
     add("--arch", default="mobilenetv3_large_100",
         help="model: mobilenetv3_{large,small}_{100,075,050} or mobilenet_v3_large / mobilenet_v3_small")
-    add("--data", default=None, help="ImageNet-layout folder (train/, val/); default: the built-in sample dataset")
+    add("--data", default=None,
+        help="ImageNet-layout folder (train/, val/), or a published remote one: s3://BUCKET/PREFIX, gs://, az://, "
+             "https:// (with --cache-dir and --cache-size); default: the built-in sample dataset")
     add("--batch_size", "-b", type=int, default=128,
         help="GLOBAL batch size over all devices, as in the reference (1024 on 8 devices = 128 each)")
     add("--learning-rate", "--lr", dest="learning_rate", type=float, default=OPT.lr,
@@ -173,6 +175,20 @@ def get_args_parser() -> argparse.ArgumentParser:
              "--loader torchvision reads bytes and decodes the batch with nvJPEG on CUDA, or on the CPU when "
              "that trains; --loader dali uses its mixed nvJPEG decoder, CUDA only), auto (device on CUDA "
              "where the loader can; FFCV always decodes on the CPU)")
+    # -- remote data (storage/) and the train order -----------------------------------------
+    add("--cache-dir", default=None,
+        help="with a remote --data (s3://, gs://, az://, https://): a folder on this node's local disk for its "
+             "cache, shared by the node's ranks (one fetcher per node downloads each shard once)")
+    add("--cache-size", default=None,
+        help="with a remote --data: the cache's bound (e.g. 200G, 500M); the folder never holds more. Smaller than "
+             "the split: use --shuffle shards")
+    add("--shuffle", default="global", choices=list(SHUFFLES),
+        help="train order: global (one permutation of all samples), or shards (the shards shuffled, then samples "
+             "within windows of --shuffle-window shards: what a cache smaller than the split needs). Either "
+             "depends only on the seed, epoch, these settings and the global batch, so a resume on another "
+             "world size is exact")
+    add("--shuffle-window", type=int, default=8,
+        help="--shuffle shards: shards whose samples are mixed together; keep two windows within --cache-size")
     add("--warmup-steps-timing", type=int, default=5,
         help="steps at the start of each epoch left out of the img/s figure")
     return p

@@ -12,12 +12,14 @@ import torch
 
 from core.errors import LoaderError
 from core.shards import Shards, find_shards
+from storage.cache import node_cache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VAL_CROP_RATIO = 0.875  # the default val crop: shorter side to size / 0.875, then center crop (224 <- 256)
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
+SHUFFLES = ("global", "shards")
 
 
 @dataclass
@@ -34,6 +36,11 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     options: object = None  # the loader's own options (loaders/options.py), made by build_loader
+    # the train order (epoch_indices): "global" (one permutation of all samples) or "shards" (the
+    # shard list shuffled, then samples within windows of `shuffle_window` shards: a cache smaller
+    # than the split holds what a stretch of steps reads; see storage/)
+    shuffle: str = "global"
+    shuffle_window: int = 8
 
     def __post_init__(self):
         self.data = Path(self.data)
@@ -43,6 +50,10 @@ class LoaderSpec:
         if self.batch_size < 1:
             raise LoaderError(f"batch size per device must be >= 1, got {self.batch_size}")
         self.image_size = check_resolution(self.image_size, "--image-size")
+        if self.shuffle not in SHUFFLES:
+            raise LoaderError(f"--shuffle {self.shuffle!r}: choose one of {', '.join(SHUFFLES)}")
+        if self.shuffle_window < 1:
+            raise LoaderError(f"--shuffle-window {self.shuffle_window}: shards per window, at least 1")
         if not 0 < self.val_crop_ratio <= 1:
             raise LoaderError(f"--val-crop-ratio {self.val_crop_ratio}: use a fraction in (0, 1], the crop's "
                               f"share of the resized shorter side (0.875: 224 px from 256)")
@@ -86,29 +97,60 @@ def _normalize_constants(device: torch.device, dtype: torch.dtype) -> tuple[torc
 
 
 def use_shards(spec: LoaderSpec) -> Shards | None:
-    """The record shards to read (option source: "auto" = when present, "shards", "folder")."""
+    """The record shards to read (option source: "auto" = when present, "shards", "folder"); for a
+    remote dataset (storage/), the ones its manifest lists, fetched into the node's cache as read."""
     if spec.options.source == "folder":
         return None
+    cache = node_cache(spec.data)
+    if cache is not None and not spec.options.shards_dir:
+        shards = cache.shards(spec.split)
+        if shards is None and spec.options.source == "shards":
+            raise LoaderError(f"{cache.url}: no shards/{spec.split}-*.tar in its manifest: publish them "
+                              f"(`python convert/to_shards.py DATA`, then `python convert/publish_remote.py DATA URL`)")
+        return shards
     folder = spec.options.shards_dir or spec.data / "shards"
     return find_shards(folder, spec.split, spec.data, required=spec.options.source == "shards")
 
 
-def epoch_indices(num_samples: int, spec: LoaderSpec, epoch: int, start_step: int = 0) -> np.ndarray:
+def epoch_indices(num_samples: int, spec: LoaderSpec, epoch: int, start_step: int = 0,
+                  shard_sizes=None) -> np.ndarray:
     """The sample indices this rank reads in `epoch`, from global step `start_step` on.
 
-    Train: one permutation drawn from (seed, epoch), the same whatever the world size, cut into
-    global batches of batch_size x world_size (the tail that fills none is dropped); rank r takes
-    the r-th contiguous batch_size of each. So the images of global step k are the same on 1 or
-    N devices with the same global batch, and a resume at step k on another world size goes on
-    with exactly the images the unbroken run would have seen. Val: rank::world_size in order, so
-    every image appears exactly once across ranks.
+    Train: one order drawn from (seed, epoch) and the order's settings, the same whatever the world
+    size, cut into global batches of batch_size x world_size (the tail that fills none is dropped);
+    rank r takes the r-th contiguous batch_size of each. So the images of global step k are the
+    same on 1 or N devices with the same global batch, and a resume at step k on another world
+    size goes on with exactly the images the unbroken run would have seen. Val: rank::world_size
+    in order, so every image appears exactly once across ranks.
+
+    The order: spec.shuffle "global" is a permutation of all samples; "shards" (given
+    `shard_sizes`, the samples of each shard in index order) shuffles the shards, then the samples
+    within each window of spec.shuffle_window consecutive shards of that list.
     """
     if not spec.train:
         return np.arange(spec.rank, num_samples, spec.world_size)
-    order = np.random.default_rng([spec.seed, epoch]).permutation(num_samples)
+    if spec.shuffle == "shards":
+        if shard_sizes is None:
+            raise LoaderError("--shuffle shards: this loader reads no record shards; use --shuffle global")
+        order = shard_window_order(np.asarray(shard_sizes, dtype=np.int64), spec.seed, epoch, spec.shuffle_window)
+    else:
+        order = np.random.default_rng([spec.seed, epoch]).permutation(num_samples)
     steps = num_batches(num_samples, spec)
     by_step = order[:steps * spec.batch_size * spec.world_size].reshape(steps, spec.world_size, spec.batch_size)
     return by_step[start_step:, spec.rank].reshape(-1)
+
+
+def shard_window_order(shard_sizes: np.ndarray, seed: int, epoch: int, window: int) -> np.ndarray:
+    """Every sample once: shards in a random order, then each window of `window` shards' samples
+    permuted together. A stretch of steps reads about `window` shards (two where windows meet)."""
+    rng = np.random.default_rng([seed, epoch, 1])  # not the global order's stream
+    starts = np.cumsum(shard_sizes) - shard_sizes
+    shards = rng.permutation(len(shard_sizes))
+    parts = []
+    for w in range(0, len(shards), window):
+        members = np.concatenate([np.arange(starts[s], starts[s] + shard_sizes[s]) for s in shards[w:w + window]])
+        parts.append(members[rng.permutation(len(members))])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def num_batches(num_samples: int, spec: LoaderSpec) -> int:

@@ -41,6 +41,7 @@ from core.errors import LoaderError
 from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, check_start_step, epoch_indices,
                             num_batches, timed_epoch, to_device, use_shards, val_resize_px)
 from loaders.files import OpenFiles, read_into
+from storage.cache import node_cache
 
 MAX_LABEL_DIGITS = 8  # .cls holds the label as ASCII decimal
 # nvJPEG's buffers sized for the largest ImageNet image up front (NVIDIA DeepLearningExamples, RN50)
@@ -72,12 +73,15 @@ class DALILoader:
             self.tars = [str(t) for t in self.shards.tars]
             self.indexes = [str(i) for i in self.shards.indexes]
             self.total = self.shards.count()
+            self.cache = node_cache(spec.data)  # a remote dataset's node cache (storage/), else None
+            self.tar_of = self.shards.samples()[:, 0] if self.cache is not None or spec.shuffle == "shards" else None
         else:
             index = split_index(spec.data, spec.split)
             self.classes = index.classes
             self.paths = [str(p) for p in index.paths]
             self.labels = np.asarray(index.labels, dtype=np.int32)
             self.total = len(self.paths)
+            self.cache, self.tar_of = None, None
         self.decoding = (f"on {spec.device} by DALI's mixed decoder (nvJPEG)" if self.decode == "mixed"
                          else f"in {max(1, spec.workers)} DALI CPU thread(s)")
         self.epoch, self.start_step = 0, 0
@@ -128,11 +132,15 @@ class DALILoader:
         read = self._shard_sample if self.use_shards else self._file_sample
         epoch, start = self.epoch, self.start_step
         while True:
-            indices = epoch_indices(self.total, self.spec, epoch, start).reshape(-1, self.spec.batch_size)
+            indices = self._indices(epoch, start).reshape(-1, self.spec.batch_size)
             for batch in indices:
                 jpegs, labels = zip(*(read(int(i)) for i in batch))
                 yield list(jpegs), [np.array([label], dtype=np.int32) for label in labels]
             epoch, start = epoch + 1, 0
+
+    def _indices(self, epoch: int, start: int = 0):
+        sizes = None if self.tar_of is None else np.bincount(self.tar_of, minlength=len(self.tars))
+        return epoch_indices(self.total, self.spec, epoch, start, sizes)
 
     def _file_sample(self, index: int):
         return np.fromfile(self.paths[index], dtype=np.uint8), self.labels[index]
@@ -141,6 +149,9 @@ class DALILoader:
         if self.rows is None:
             self.rows = self.shards.samples()  # tar, jpg offset, size, cls offset, size
         tar, jpg_at, jpg_size, cls_at, cls_size = (int(v) for v in self.rows[index])
+        if self.cache is not None:  # remote: the tar held under the cache's lock for this read only
+            jpg, cls = self.cache.read(f"shards/{self.tars[tar].rsplit('/', 1)[-1]}", [(jpg_at, jpg_size), (cls_at, cls_size)])
+            return np.frombuffer(jpg, dtype=np.uint8), int(cls)
         jpg = np.empty(jpg_size, dtype=np.uint8)
         with self.files.open(tar) as fd:
             read_into(fd, memoryview(jpg), jpg_at, self.tars[tar])
@@ -184,6 +195,9 @@ class DALILoader:
     def _val_batches(self):
         if self._val_px != self.resolution:
             self._val_iterator = None  # release the old pipeline before building
+            if self.cache is not None:  # DALI's own reader opens the tars: staged, kept for the run
+                for tar in self.tars:
+                    self.cache.stage(f"shards/{tar.rsplit('/', 1)[-1]}")
             pipe = self._pipeline(self.spec.rank)
             pipe.build()
             self._val_iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
@@ -205,6 +219,13 @@ class DALILoader:
 
     def _train_batches(self):
         stream = self._train_stream()
+        batches = self._epoch_rest(stream)
+        if self.cache is not None:  # the fetcher reads ahead in this order: this epoch's rest, then the next
+            upcoming = np.concatenate([self._indices(self.epoch, self.start_step), self._indices(self.epoch + 1)])
+            batches = self.cache.follow("train", batches, upcoming, self.spec.batch_size, self.tar_of)
+        yield from batches
+
+    def _epoch_rest(self, stream):
         for left in range(len(self) - self.start_step, 0, -1):
             batch = next(stream)
             if left == 1:  # the stream now stands at the next epoch's start

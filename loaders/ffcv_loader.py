@@ -36,6 +36,7 @@ from core.dataset import check_class_map, read_class_map
 from core.errors import LoaderError
 from loaders.common import (RRC_RATIO, RRC_SCALE, LoaderSpec, check_resolution, check_start_step,
                             epoch_indices, timed_epoch)
+from storage.cache import node_cache
 
 
 
@@ -59,6 +60,13 @@ class _EpochOrder(TraversalOrder):
 
 
 def beton_path(spec: LoaderSpec) -> Path:
+    cache = node_cache(spec.data)
+    if cache is not None and not spec.options.beton_dir:  # remote: staged whole into the node's cache, checked
+        name = f"ffcv/{spec.split}.beton"
+        if name not in cache.ready_info()["sizes"]:
+            raise LoaderError(f"no {name} under {cache.url}: convert (`python convert/to_ffcv.py DATA`) and publish "
+                              f"it (`python convert/publish_remote.py DATA {cache.url}`)")
+        return cache.stage(name)
     beton_dir = Path(spec.options.beton_dir or spec.data / "ffcv")
     path = beton_dir / f"{spec.split}.beton"
     if not path.exists():
@@ -70,6 +78,9 @@ def beton_path(spec: LoaderSpec) -> Path:
 class FFCVLoader:
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
+        if spec.train and spec.shuffle != "global":
+            raise LoaderError(f"--shuffle {spec.shuffle}: --loader ffcv reads one .beton (a remote one is staged "
+                              f"whole); use --shuffle global")
         path = beton_path(spec)
         class_map = path.parent / "classes.json"
         if not class_map.exists():

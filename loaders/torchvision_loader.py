@@ -19,6 +19,7 @@ step. Images nvJPEG's batched decoder does not take (progressive, CMYK, grayscal
 decoded by their thread instead and counted in `host_decoded`.
 """
 import collections
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,6 +36,7 @@ from loaders.common import (LoaderSpec, check_resolution, check_start_step, epoc
 from loaders.crops import crop_flip_boxes
 from loaders.device_decode import DECODER, DeviceStage, decode_error, decode_image, jpeg_header, prefetch
 from loaders.files import OpenFiles, file_sizes, read_files, read_into
+from storage.cache import by_file, node_cache
 
 
 class _RandomResizedCropFlip:
@@ -212,8 +214,9 @@ class _FolderImages(_Images):
 class _ShardImages(_Images):
     """Reads straight to a sample's bytes inside its tar, by the DALI index's offsets."""
 
-    def __init__(self, shards, transform, seed: int):
+    def __init__(self, shards, transform, seed: int, cache=None):
         super().__init__(transform, seed)
+        self.cache = cache  # a remote dataset's node cache (storage/): each tar is held only while read
         self.tars = [str(t) for t in shards.tars]
         self.rows = shards.samples()  # tar, jpg offset, jpg size, cls offset, cls size
         self.crcs = shards.sample_checksums()  # None for shards written before checksums existed
@@ -229,19 +232,28 @@ class _ShardImages(_Images):
         rows = self.rows[indices]
         sizes = rows[:, 2].astype(np.int64)
         blob = torch.empty(int(sizes.sum()), dtype=torch.uint8)
-        view, at = memoryview(blob.numpy()), 0
+        view, starts = memoryview(blob.numpy()), (np.cumsum(sizes) - sizes).tolist()
         labels, good = np.empty(len(rows), dtype=np.int64), np.ones(len(rows), dtype=bool)
-        for k, (tar, jpg_at, jpg_size, cls_at, cls_size) in enumerate(rows.tolist()):
-            jpg = view[at:at + jpg_size]
-            with self.files.open(tar) as fd:
-                read_into(fd, jpg, jpg_at, self.tars[tar])
-                cls = os.pread(fd, cls_size, cls_at)
-            at += jpg_size
-            if self.crcs is not None and (crc32c(jpg.toreadonly()), crc32c(cls)) != tuple(self.crcs[indices[k]]):
-                good[k] = False
-                continue
-            labels[k] = int(cls)
+        for tar, ks in by_file(rows[:, 0]):  # each tar once, its samples in batch order
+            with self._opened(tar) as fd:
+                for k in ks:
+                    _, jpg_at, jpg_size, cls_at, cls_size = rows[k].tolist()
+                    jpg = view[starts[k]:starts[k] + jpg_size]
+                    read_into(fd, jpg, jpg_at, self.tars[tar])
+                    cls = os.pread(fd, cls_size, cls_at)
+                    crcs = None if self.crcs is None else tuple(self.crcs[indices[k]])
+                    if crcs is not None and (crc32c(jpg.toreadonly()), crc32c(cls)) != crcs:
+                        good[k] = False
+                        continue
+                    labels[k] = int(cls)
         return blob, sizes, labels, good
+
+    def _opened(self, tar: int):
+        """The tar's fd for the block: from the bounded set of open files for local shards, held
+        under the cache's lock (waiting for the fetcher first) for a remote dataset's."""
+        if self.cache is not None:
+            return self.cache.open(f"shards/{os.path.basename(self.tars[tar])}")
+        return self.files.open(tar)
 
     def name(self, index) -> str:
         if self.names is None:  # read from the index files only when a sample needs naming
@@ -254,17 +266,20 @@ class _EpochSampler(Sampler):
     from global step `start_step` on: a resume starts there without reading what it skips. The
     key tells the worker that serves it the epoch's size. len() is the whole epoch's."""
 
-    def __init__(self, num_samples: int, spec: LoaderSpec):
+    def __init__(self, num_samples: int, spec: LoaderSpec, shard_sizes=None):
         self.num_samples, self.spec, self.epoch, self.size = num_samples, spec, 0, spec.image_size
-        self.start_step = 0
+        self.start_step, self.shard_sizes = 0, shard_sizes
 
     def __iter__(self):
         epoch, size = self.epoch, self.size  # fixed for the whole epoch, whatever is set meanwhile
-        indices = epoch_indices(self.num_samples, self.spec, epoch, self.start_step)
+        indices = self.indices(epoch, self.start_step)
         return ((int(i), epoch, size) for i in indices)
 
+    def indices(self, epoch: int, start_step: int = 0):
+        return epoch_indices(self.num_samples, self.spec, epoch, start_step, self.shard_sizes)
+
     def __len__(self):
-        return len(epoch_indices(self.num_samples, self.spec, self.epoch))
+        return len(self.indices(self.epoch))
 
 
 def _whole_batch(batch):
@@ -294,14 +309,17 @@ class TorchvisionLoader:
         self.spec = spec
         self.decode = spec.options.resolved_decode(spec.device)
         shards = use_shards(spec)
+        self.cache, shard_sizes = None, None
         if shards is not None:
             self.classes = shards.classes
-            self.dataset = _ShardImages(shards, transforms_for(spec), spec.seed)
+            self.cache = node_cache(spec.data)
+            self.dataset = _ShardImages(shards, transforms_for(spec), spec.seed, self.cache)
+            shard_sizes = np.bincount(self.dataset.rows[:, 0], minlength=len(shards.tars))
         else:
             index = split_index(spec.data, spec.split)
             self.classes = index.classes
             self.dataset = _FolderImages(index.paths, index.labels, transforms_for(spec), spec.seed)
-        self.sampler = _EpochSampler(len(self.dataset), spec)
+        self.sampler = _EpochSampler(len(self.dataset), spec, shard_sizes)
         self.dataset.decode_on_device = on_device = self.decode == "device"
         self.dataset.max_bad_samples = spec.options.max_bad_samples
         self.stage = DeviceStage(spec.device, spec.train, spec.val_crop_ratio, self.dataset.name) if on_device else None
@@ -354,6 +372,17 @@ class TorchvisionLoader:
             yield to_device(images, labels, self.spec.device)
 
     def _host_batches(self):
+        if self.cache is None:
+            return self._read_batches()
+        # a remote dataset: the node's fetcher reads ahead in this order (this epoch's rest, then
+        # the next epoch, so no step waits between epochs), and evicts by it
+        upcoming = [self.sampler.indices(self.sampler.epoch, self.sampler.start_step)]
+        if self.spec.train:
+            upcoming.append(self.sampler.indices(self.sampler.epoch + 1))
+        return self.cache.follow(self.spec.split, self._read_batches(), np.concatenate(upcoming),
+                                 self.spec.batch_size, self.dataset.rows[:, 0])
+
+    def _read_batches(self):
         if self.dataloader is None:
             keys = BatchSampler(self.sampler, self.spec.batch_size, drop_last=self.spec.train)
             batches = _threaded(self.dataset, keys, max(1, self.spec.workers), 2 * max(1, self.spec.workers))
