@@ -1,6 +1,7 @@
 """Fixtures shared by every test file. Run the tests with `python -m pytest -q tests` (the project
 installed, as `make test` does: `pip install -e .`)."""
 import gc
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,12 @@ def one_epoch_run(tiny_sample, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one_epoch_run") / "run"
     ok(run_train(["--data", str(tiny_sample), "--loader", "torchvision", "--epochs", "1"], out))
     return out
+
+
+def pytest_runtest_teardown(item):
+    """A DALI pipeline a test leaves behind sits in a reference cycle (its external source is a
+    generator of the loader that holds it), so the garbage collector ends it whenever it next runs:
+    inside numba's compilation of a later FFCV test, DALI's shutdown crashed the interpreter
+    (segmentation fault in Pipeline.__del__). Collected here, right after the test that made it."""
+    if "dali" in item.nodeid.lower() and "nvidia.dali" in sys.modules:
+        gc.collect()
