@@ -419,6 +419,8 @@ def start_bucket(args):
     staging = Path(tempfile.mkdtemp(prefix="loader_fps-publish-"))
     (staging / "shards").symlink_to(args.shards_dir.resolve())
     publish_remote(staging, "s3://bench/data")
+    (staging / "shards").unlink()
+    staging.rmdir()
     args.bucket_url, args.cache_root = "s3://bench/data", Path(tempfile.mkdtemp(prefix="loader_fps-cache-"))
     args.split_bytes = sum(t.stat().st_size for t in args.shards_dir.glob(f"{args.split}-*.tar"))
     args.shard_count = len(list(args.shards_dir.glob(f"{args.split}-*.tar")))
@@ -641,7 +643,9 @@ def main(argv=None):
         results = measure([Forked(r) for r in rows], rounds=args.epochs, warmups=args.warmup_epochs, who="loader_fps")
     finally:
         if server is not None:
+            import shutil
             server.terminate()
+            shutil.rmtree(args.cache_root, ignore_errors=True)  # the rows' caches (their fetchers end when idle)
     out = summarize(rows, results, args)
     setting = (f"{args.split}, batch {args.batch_size}, {args.workers} workers, {args.image_size} px, "
                f"stored at {args.max_res_px} px {args.write_mode}, {out[0]['images_per_epoch']} images/epoch, "

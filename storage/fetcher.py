@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import ExitStatus, run_command
 from core.manifest import MANIFEST, crc32c
 from storage.layout import Layout, held, read_json, read_plan, read_pos, write_atomic, write_json_atomic
 from storage.remote import describe_error, open_store, read_all, read_range
@@ -143,8 +144,9 @@ class Fetcher:
                     return
                 self.reap()
                 distance = self.next_use(users)
-                self.schedule(pool, wants, distance)
-                time.sleep(0.005 if wants else 0.02)
+                started = self.schedule(pool, wants, distance)
+                # a reader waits: look again soon; otherwise the loop costs a trainer's cores little
+                time.sleep(0.005 if wants else 0.02 if started or self.inflight else 0.1)
 
     def reap(self):
         for name, future in list(self.inflight.items()):
@@ -165,15 +167,17 @@ class Fetcher:
                 print(line, flush=True)
             self.write_stats()
 
-    def schedule(self, pool, wants: dict, distance: dict):
-        """Start fetches: wanted files first (soonest first), then read-ahead in order of next use."""
+    def schedule(self, pool, wants: dict, distance: dict) -> bool:
+        """Start fetches: wanted files first (soonest first), then read-ahead in order of next use.
+        Whether it started any."""
+        started = False
         far = float("inf")
         wanted = sorted((n for n in set(wants.values()) if n in self.sizes),
                         key=lambda n: distance.get(n, far))
         ahead = sorted((d, n) for n, d in distance.items())
         for name, is_wanted in [(n, True) for n in wanted] + [(n, False) for _, n in ahead]:
             if len(self.inflight) >= FILES_IN_FLIGHT:
-                return
+                return started
             if name in self.present or name in self.inflight or name in self.failed:
                 continue
             size = self.sizes[name]
@@ -187,10 +191,12 @@ class Fetcher:
             if self.used() + size > self.bound:
                 if is_wanted:
                     continue  # another wanted file may fit; readers release what they hold
-                return  # read-ahead goes in order: nothing later may jump ahead
+                return started  # read-ahead goes in order: nothing later may jump ahead
             self.partial.pop(name, None)  # counted in full as in flight from now on
             self.inflight[name] = pool.submit(self.download, name)
             self.stats["peak_used_bytes"] = max(self.stats["peak_used_bytes"], self.used())
+            started = True
+        return started
 
     def make_room(self, size: int, distance: dict, wanted: set, for_distance):
         """Evict files (furthest next use first) until `size` more bytes fit, sparing what readers
@@ -368,7 +374,11 @@ def _bad_part_line(url: str, name: str, first: int, last: int) -> str:
             f"(`python convert/publish_remote.py DATA {url}`)")
 
 
-def main(root: str):
+def main(argv=None) -> ExitStatus:
+    return ExitStatus(serve((argv or sys.argv[1:])[0]))
+
+
+def serve(root: str) -> int:
     layout = Layout(Path(root))
     layout.make()
     lock_fd = os.open(layout.fetcher_lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -400,4 +410,4 @@ def main(root: str):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    run_command(main)

@@ -58,8 +58,12 @@ def read_all(store, name: str) -> bytes | None:
 
 def put_file(store, name: str, path: Path):
     """Upload one file (obstore splits a large one into a multipart upload)."""
-    with open(path, "rb") as f:
-        obstore.put(store, name, f)
+    try:
+        with open(path, "rb") as f:
+            obstore.put(store, name, f)
+    except Exception as e:  # obstore's own errors: one line naming the object and what to check
+        raise StorageError(f"{name}: cannot upload {path} ({_short(e)}): check that the bucket exists, the "
+                           f"credentials and the endpoint (AWS_ENDPOINT_URL for MinIO/Ceph)") from None
 
 
 def describe_error(e: Exception) -> str:

@@ -187,6 +187,15 @@ def _same(a, b):
         assert torch.equal(ia, ib)
 
 
+def _settled_stats(root: Path, files: int) -> dict:
+    """stats.json once the fetcher has written it after `files` files (it writes after each)."""
+    deadline = time.monotonic() + 30
+    while (stats := read_json(Layout(root).stats) or {}).get("files_fetched", 0) < files:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.02)
+    return stats
+
+
 def _shard_bytes(dataset: Path, split: str) -> int:
     return sum(p.stat().st_size for p in (dataset / "shards").glob(f"{split}-*.tar"))
 
@@ -198,7 +207,7 @@ def test_s3_batches_equal_local_shards_bit_for_bit(dataset, s3, tmp_path):
             remote = _epoch(_loader(data, split, shuffle=shuffle, shuffle_window=2), epoch=1)
             local = _epoch(_loader(dataset, split, shuffle=shuffle, shuffle_window=2), epoch=1)
             _same(remote, local)
-    stats = read_json(Layout(data.parent).stats)
+    stats = _settled_stats(data.parent, len(list((dataset / "shards").glob("*.tar"))))
     # every shard once: both splits, whatever the order
     assert stats["bytes_fetched"] == _shard_bytes(dataset, "train") + _shard_bytes(dataset, "val")
     for tar in (dataset / "shards").glob("*.tar"):
@@ -230,9 +239,12 @@ def test_a_fetcher_killed_mid_download_ends_in_a_correct_shard(dataset, web, tmp
         assert time.monotonic() < deadline, "the fetcher never wrote two parts"
         time.sleep(0.01)
     _stop_fetcher(tmp_path / "cache", url)  # SIGKILL: mid-download, the .tmp half written
+    time.sleep(0.1)  # (a reader starts another fetcher after a second: the .tmp stays as it is till then)
     with server.lock:
         before = [start for path, start in server.log if path == f"ds/{name}"]
-    kept = [i * CHUNK for i in range(parts) if i * CHUNK in before][:1]  # the first part: written whole
+    original, partial = (dataset / name).read_bytes(), tmp.read_bytes()
+    kept = [i * CHUNK for i in range(parts)  # parts are fetched 4 at a time: any of them may be whole
+            if partial[i * CHUNK:(i + 1) * CHUNK] == original[i * CHUNK:(i + 1) * CHUNK]]
     server.delay_s = 0.0
     reader.join(60)  # the waiting reader finds no fetcher and starts another, which continues
     assert not reader.is_alive()
@@ -240,6 +252,7 @@ def test_a_fetcher_killed_mid_download_ends_in_a_correct_shard(dataset, web, tmp
     with server.lock:
         after = [start for path, start in server.log if path == f"ds/{name}"][len(before):]
     assert kept and not set(kept) & set(after), "a part the killed fetcher had finished was fetched again"
+    assert set(after) == {i * CHUNK for i in range(parts)} - set(kept)
     assert len(after) < parts
     _stop_fetcher(tmp_path / "cache", url)
 
@@ -254,8 +267,8 @@ def test_a_corrupted_part_is_fetched_again(dataset, web, tmp_path):
     with server.lock:
         assert server.log.count((f"ds/{name}", 2 * CHUNK)) == 2
         assert server.log.count((f"ds/{name}", 0)) == 1  # only the bad part again
+    assert _settled_stats(data.parent, 1)["parts_refetched"] == 1
     _stop_fetcher(tmp_path / "cache", url)
-    assert read_json(cache.layout.stats)["parts_refetched"] == 1
 
 
 def test_a_permanently_bad_part_is_named_with_its_range_and_the_fix(dataset, s3, tmp_path):
@@ -299,7 +312,7 @@ def test_a_tiny_cache_is_never_exceeded_and_never_deadlocks(dataset, s3, tmp_pat
     finally:
         stop.set()
         watcher.join()
-    stats = read_json(Layout(data.parent).stats)
+    stats = _settled_stats(data.parent, 11)
     assert stats["peak_used_bytes"] <= bound and max(seen) <= bound + 4096  # classes.json is outside the manifest
     assert stats["files_evicted"] > 0
     _stop_fetcher(tmp_path / "cache", url)
