@@ -59,6 +59,51 @@ def _ascii_labels(raw: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+class TrainSource:
+    """What the train pipeline's external source reads: this rank's (JPEG bytes, label) batches in
+    the trainer's order. An object of its own, not the loader's methods: the pipeline holds its
+    source, and a source holding the loader closed a reference cycle (loader -> iterator ->
+    pipeline -> source -> loader) that only the garbage collector ended, whenever it next ran: once
+    inside numba's compilation of an FFCV loader, where DALI's shutdown crashed the interpreter.
+    Without it the pipeline ends when the loader drops it."""
+
+    def __init__(self, spec: LoaderSpec, shards, total: int, cache, tar_of, paths=None, labels=None):
+        self.spec, self.shards, self.total, self.cache, self.tar_of = spec, shards, total, cache, tar_of
+        self.paths, self.labels = paths, labels
+        self.tars = [str(t) for t in shards.tars] if shards is not None else None
+        self.rows = None  # the shards' sample offsets, read on first use
+        self.files = OpenFiles(self.tars) if shards is not None else None  # at most MAX_OPEN_FILES open
+
+    def batches(self, epoch: int, start: int):
+        """Endless batches: epoch `epoch` from its step `start`, then each following epoch whole."""
+        read = self._shard_sample if self.shards is not None else self._file_sample
+        while True:
+            for batch in self.indices(epoch, start).reshape(-1, self.spec.batch_size):
+                jpegs, labels = zip(*(read(int(i)) for i in batch))
+                yield list(jpegs), [np.array([label], dtype=np.int32) for label in labels]
+            epoch, start = epoch + 1, 0
+
+    def indices(self, epoch: int, start: int = 0):
+        sizes = None if self.tar_of is None else np.bincount(self.tar_of, minlength=len(self.tars))
+        return epoch_indices(self.total, self.spec, epoch, start, sizes)
+
+    def _file_sample(self, index: int):
+        return np.fromfile(self.paths[index], dtype=np.uint8), self.labels[index]
+
+    def _shard_sample(self, index: int):
+        if self.rows is None:
+            self.rows = self.shards.samples()  # tar, jpg offset, size, cls offset, size
+        tar, jpg_at, jpg_size, cls_at, cls_size = (int(v) for v in self.rows[index])
+        if self.cache is not None:  # remote: the tar held under the cache's lock for this read only
+            name = f"shards/{self.tars[tar].rsplit('/', 1)[-1]}"
+            jpg, cls = self.cache.read(name, [(jpg_at, jpg_size), (cls_at, cls_size)])
+            return np.frombuffer(jpg, dtype=np.uint8), int(cls)
+        jpg = np.empty(jpg_size, dtype=np.uint8)
+        with self.files.open(tar) as fd:
+            read_into(fd, memoryview(jpg), jpg_at, self.tars[tar])
+            return jpg, int(os.pread(fd, cls_size, cls_at))
+
+
 class DALILoader:
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
@@ -75,6 +120,7 @@ class DALILoader:
             self.total = self.shards.count()
             self.cache = node_cache(spec.data)  # a remote dataset's node cache (storage/), else None
             self.tar_of = self.shards.samples()[:, 0] if self.cache is not None or spec.shuffle == "shards" else None
+            self.source = TrainSource(spec, self.shards, self.total, self.cache, self.tar_of)
         else:
             index = split_index(spec.data, spec.split)
             self.classes = index.classes
@@ -82,6 +128,7 @@ class DALILoader:
             self.labels = np.asarray(index.labels, dtype=np.int32)
             self.total = len(self.paths)
             self.cache, self.tar_of = None, None
+            self.source = TrainSource(spec, None, self.total, None, None, self.paths, self.labels)
         self.decoding = (f"on {spec.device} by DALI's mixed decoder (nvJPEG)" if self.decode == "mixed"
                          else f"in {max(1, spec.workers)} DALI CPU thread(s)")
         self.epoch, self.start_step = 0, 0
@@ -92,8 +139,6 @@ class DALILoader:
         self._stream = None  # the live train pipeline's endless iterator
         self._stream_serves = None  # (epoch, px) it can serve next; None: build a new one
         self.builds = 0  # train pipelines built so far (one per run at one size)
-        self.rows = None  # the shards' sample offsets, read on first use
-        self.files = OpenFiles(self.tars) if self.use_shards else None  # at most MAX_OPEN_FILES open
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.epoch = epoch
@@ -116,8 +161,8 @@ class DALILoader:
     def _reader(self, shard_id: int):
         spec = self.spec
         if spec.train:  # this rank's samples in the trainer's order, from (epoch, start_step) on
-            return fn.external_source(source=self._train_samples(), num_outputs=2, batch=True,
-                                      dtype=[types.UINT8, types.INT32])
+            return fn.external_source(source=self.source.batches(self.epoch, self.start_step), num_outputs=2,
+                                      batch=True, dtype=[types.UINT8, types.INT32])
         sharding = dict(shard_id=shard_id, num_shards=spec.world_size, pad_last_batch=True, name="Reader")
         if self.use_shards:
             jpegs, raw = fn.readers.webdataset(
@@ -125,37 +170,6 @@ class DALILoader:
                 missing_component_behavior="error", random_shuffle=False, **sharding)
             return jpegs, fn.pad(raw, axes=(0,), shape=(MAX_LABEL_DIGITS,), fill_value=0)
         return fn.readers.file(files=self.paths, labels=self.labels.tolist(), random_shuffle=False, **sharding)
-
-    def _train_samples(self):
-        """Endless batches of (JPEG bytes, label) for this rank: epoch `self.epoch` from its
-        start_step, then each following epoch whole."""
-        read = self._shard_sample if self.use_shards else self._file_sample
-        epoch, start = self.epoch, self.start_step
-        while True:
-            indices = self._indices(epoch, start).reshape(-1, self.spec.batch_size)
-            for batch in indices:
-                jpegs, labels = zip(*(read(int(i)) for i in batch))
-                yield list(jpegs), [np.array([label], dtype=np.int32) for label in labels]
-            epoch, start = epoch + 1, 0
-
-    def _indices(self, epoch: int, start: int = 0):
-        sizes = None if self.tar_of is None else np.bincount(self.tar_of, minlength=len(self.tars))
-        return epoch_indices(self.total, self.spec, epoch, start, sizes)
-
-    def _file_sample(self, index: int):
-        return np.fromfile(self.paths[index], dtype=np.uint8), self.labels[index]
-
-    def _shard_sample(self, index: int):
-        if self.rows is None:
-            self.rows = self.shards.samples()  # tar, jpg offset, size, cls offset, size
-        tar, jpg_at, jpg_size, cls_at, cls_size = (int(v) for v in self.rows[index])
-        if self.cache is not None:  # remote: the tar held under the cache's lock for this read only
-            jpg, cls = self.cache.read(f"shards/{self.tars[tar].rsplit('/', 1)[-1]}", [(jpg_at, jpg_size), (cls_at, cls_size)])
-            return np.frombuffer(jpg, dtype=np.uint8), int(cls)
-        jpg = np.empty(jpg_size, dtype=np.uint8)
-        with self.files.open(tar) as fd:
-            read_into(fd, memoryview(jpg), jpg_at, self.tars[tar])
-            return jpg, int(os.pread(fd, cls_size, cls_at))
 
     def _seed(self) -> int:
         return int(np.random.SeedSequence([self.spec.seed, self.epoch, self.spec.rank]).generate_state(1)[0] >> 1)
@@ -221,7 +235,8 @@ class DALILoader:
         stream = self._train_stream()
         batches = self._epoch_rest(stream)
         if self.cache is not None:  # the fetcher reads ahead in this order: this epoch's rest, then the next
-            upcoming = np.concatenate([self._indices(self.epoch, self.start_step), self._indices(self.epoch + 1)])
+            upcoming = np.concatenate([self.source.indices(self.epoch, self.start_step),
+                                       self.source.indices(self.epoch + 1)])
             batches = self.cache.follow("train", batches, upcoming, self.spec.batch_size, self.tar_of)
         yield from batches
 

@@ -67,9 +67,9 @@ def one_epoch_run(tiny_sample, tmp_path_factory) -> Path:
 
 
 def pytest_runtest_teardown(item):
-    """A DALI pipeline a test leaves behind sits in a reference cycle (its external source is a
-    generator of the loader that holds it), so the garbage collector ends it whenever it next runs:
-    inside numba's compilation of a later FFCV test, DALI's shutdown crashed the interpreter
-    (segmentation fault in Pipeline.__del__). Collected here, right after the test that made it."""
+    """A DALI pipeline ends with its loader (loaders/dali_loader.TrainSource), but a test can leave a
+    loader inside a cycle of its own (a generator frame, a trainer object), and then the collector
+    ends it whenever it next runs: once that was inside numba's compilation of a later FFCV test,
+    where DALI's shutdown crashed the interpreter. Collected here, right after the test that made it."""
     if "dali" in item.nodeid.lower() and "nvidia.dali" in sys.modules:
         gc.collect()

@@ -169,6 +169,32 @@ def test_dali_builds_one_pipeline_for_a_whole_run_of_the_real_training_loop(data
     assert loader.builds == 1
 
 
+@pytest.mark.parametrize("variant", ["dali-shards", "dali-folder"])
+def test_a_dali_loader_dropped_ends_its_pipelines_at_once_without_the_garbage_collector(dataset, variant):
+    """The pipelines end when the loader goes, not whenever the collector next runs: once, that was
+    inside numba's compilation of a later FFCV loader, and DALI's shutdown there crashed the
+    interpreter. Pipeline._pipes is DALI's own register of the pipelines alive (weak references)."""
+    import gc
+
+    from nvidia.dali.pipeline import Pipeline
+
+    def alive():
+        return sum(ref() is not None for ref in Pipeline._pipes)
+
+    gc.collect()
+    before = alive()
+    gc.disable()
+    try:
+        train, val = _build(variant, dataset, "train"), _build(variant, dataset, "val")
+        _trainer_epoch(train, 0)
+        _epoch(val)
+        assert alive() == before + 2
+        del train, val
+        assert alive() == before
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_set_resolution_sizes_the_next_epochs_train_batches(dataset, name):
     """A resolution schedule's steps, 48 px then back to 32: each epoch comes out at its own size
