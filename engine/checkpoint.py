@@ -20,7 +20,8 @@ RUN_KEYS = ("arch", "batch_size", "image_size", "opt", "learning_rate", "momentu
             "rmsprop_eps", "lr_scheduler", "lr_step_size", "lr_gamma", "warmup_epochs", "label_smoothing",
             "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha", "dropout", "model_ema", "seed",
             "pretrained", "bn_eps", "drop_path", "warmup_lr", "ra_magnitude_std", "random_erase_mode",
-            "min_res", "max_res", "start_ramp", "end_ramp")
+            "min_res", "max_res", "start_ramp", "end_ramp",
+            "shuffle", "shuffle_window")  # the train order: a mid-epoch resume in another trains other samples
 
 
 def save_atomic(obj: dict, path: Path):

@@ -17,7 +17,7 @@ import torch
 
 from convert.to_ffcv import convert as to_ffcv
 from convert.to_shards import convert as to_shards
-from core.errors import LoaderError
+from core.errors import CheckpointError, LoaderError
 from core.shards import Shards
 from engine.checkpoint import save_atomic
 from loaders import build_loader
@@ -95,6 +95,19 @@ def test_another_runs_checkpoint_is_kept_and_overwrite_replaces_it(tiny_sample, 
     assert (tmp_path / "checkpoint.pth").read_bytes() != kept["checkpoint.pth"]
     assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.01
     assert len(records(tmp_path)) == 1  # the old run's log went with it
+
+
+def test_a_run_in_another_train_order_does_not_continue_the_checkpoint_of_this_one(tmp_path):
+    """--shuffle and --shuffle-window decide which samples the rest of an epoch holds: a restarted
+    command with another order would train some samples twice and skip others."""
+    from engine.checkpoint import resolve_resume
+    config = {"arch": "mobilenetv3_small_100", "shuffle": "global", "shuffle_window": 8}
+    save_atomic({"config": config, "classes": ["a", "b"]}, tmp_path / "checkpoint.pth")
+    assert resolve_resume("auto", tmp_path, config, ["a", "b"])[0] == tmp_path / "checkpoint.pth"
+    for changed, said in (({"shuffle": "shards"}, "shuffle: 'global' there, 'shards' here"),
+                          ({"shuffle_window": 4}, "shuffle_window: 8 there, 4 here")):
+        with pytest.raises(CheckpointError, match=re.escape(said)):
+            resolve_resume("auto", tmp_path, {**config, **changed}, ["a", "b"])
 
 
 def test_resuming_another_network_names_what_differs(tiny_sample, one_epoch_run, tmp_path):
