@@ -14,8 +14,8 @@ Here the two stop signals are handled in the agent's process instead (torchrun k
 SIGHUP and SIGQUIT): sent to every rank, the ranks waited for (torchrun's --shutdown-timeout, then
 SIGKILL, as torchrun does), and the exit status is theirs. The agent is held while they stop, so it
 cannot take a rank's 75 for a failure and restart the group. A stop that reaches the ranks another
-way (a signal sent to one rank) ends torchrun with its failure report: when every failed rank
-exited 75, that is a stop too and is reported as one.
+way (a signal sent to one rank) ends torchrun with its failure report: when the failed ranks
+exited 75, that is a stop too and is reported as one (see stopped_at_checkpoint).
 """
 import os
 import signal
@@ -79,6 +79,15 @@ class _PassOn:
         return 128 + self.signum
 
 
+def stopped_at_checkpoint(exit_codes) -> bool:
+    """Whether torchrun's failed ranks are a stop at the checkpoint: one exited 75, and each other
+    one did too or was ended by torchrun's closing SIGTERM. A rank exits 75 only after the stop's
+    barrier (train.py leave), so every rank had passed the checkpoint by then: torchrun, seeing the
+    first rank exit 75, sends SIGTERM to the rest while they leave too."""
+    codes = list(exit_codes)
+    return EXIT_INTERRUPTED in codes and all(c in (EXIT_INTERRUPTED, -signal.SIGTERM) for c in codes)
+
+
 def _ranks() -> list[psutil.Process]:
     """The processes the agent started: children that carry the environment it gives its workers
     (not, say, a `tee` that a shell's process substitution made a child of this process)."""
@@ -122,8 +131,11 @@ def main(argv=None):
             raise
         return ExitStatus(pass_on.exit_status())
     except ChildFailedError as e:
-        if any(f.exitcode != EXIT_INTERRUPTED for f in e.failures.values()):
+        if not stopped_at_checkpoint(f.exitcode for f in e.failures.values()):
             raise
+        print(f"engine.launch: the ranks stopped at the checkpoint (torchrun's lines above report it as a "
+              f"failure): exit status {EXIT_INTERRUPTED}, run the same command again to continue",
+              file=sys.stderr, flush=True)
         return ExitStatus(EXIT_INTERRUPTED)
     finally:
         pass_on.agent_running = False

@@ -206,6 +206,27 @@ def test_a_stop_signal_while_the_launcher_starts_exits_75_before_any_rank(tmp_pa
         assert not (tmp_path / "out" / "checkpoint.pth").exists()
 
 
+def test_a_rank_ended_by_torchruns_closing_sigterm_after_another_exited_75_is_a_stop(tmp_path):
+    """A stop signalled to one rank: the ranks agree, pass the checkpoint's barrier and exit 75;
+    torchrun sees the first one leave and sends SIGTERM to the other, still exiting, so its report
+    holds 75 and -15. That used to end the launch with torchrun's failure report and status 1 (the
+    SIGUSR1-to-rank-1 test, now and then). Here rank 1 exits 75 at once and rank 0 is still there
+    for torchrun's SIGTERM; a rank that fails otherwise is still a failure."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    sys.exit(int(sys.argv[1]))\n"
+                      "time.sleep(120)\n")
+    for rank1_exit, want in ((75, 75), (3, 1)):
+        proc = subprocess.Popen([sys.executable, "-m", "engine.launch", "--standalone", "--nproc_per_node=2",
+                                 str(script), str(rank1_exit)], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        out = finish(proc, 120)
+        assert proc.returncode == want, out
+        assert "closing signal SIGTERM" in out, out  # rank 0, ended by torchrun
+        assert ("stopped at the checkpoint" in out) == (want == 75) and ("Traceback" in out) == (want == 1), out
+
+
 def _loading_torch(pid: int) -> bool:
     """The process has reached its imports of torch (one of torch's shared libraries is mapped)."""
     try:
