@@ -15,7 +15,9 @@ SIGHUP and SIGQUIT): sent to every rank, the ranks waited for (torchrun's --shut
 SIGKILL, as torchrun does), and the exit status is theirs. The agent is held while they stop, so it
 cannot take a rank's 75 for a failure and restart the group. A stop that reaches the ranks another
 way (a signal sent to one rank) ends torchrun with its failure report: when the failed ranks
-exited 75, that is a stop too and is reported as one (see stopped_at_checkpoint).
+exited 75, that is a stop too and is reported as one (see stopped_at_checkpoint). With
+--max-restarts > 0 torchrun restarts the group on such a rank's 75 instead, while restarts remain:
+the run continues from the checkpoint rather than stopping.
 """
 import os
 import signal
